@@ -1,0 +1,11 @@
+"""Lightning callbacks of the FLM trainer, installed as `flm_lightning.callbacks`.
+
+This folder sits at the top of the repository, but pyproject.toml maps it into the
+`flm_lightning` package, so installing the project adds no top-level `callbacks` package
+that could clash with another distribution. Configs name them
+`flm_lightning.callbacks.<Name>`.
+"""
+
+from flm_lightning.callbacks.throughput import TokenThroughputMonitor
+
+__all__ = ["TokenThroughputMonitor"]

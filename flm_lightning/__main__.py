@@ -1,0 +1,28 @@
+"""`python -m flm_lightning <tool>`: command-line tools that reuse the trainer's builders."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flm_lightning.errors import EXIT_USAGE, USER_ERRORS
+from flm_lightning.tools import info
+
+TOOLS = {"info": info}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flm_lightning")
+    sub = parser.add_subparsers(dest="tool", required=True)
+    for name, tool in TOOLS.items():
+        tool.add_arguments(sub.add_parser(name, help=(tool.__doc__ or "").splitlines()[0]))
+    args = parser.parse_args(argv)
+    try:
+        TOOLS[args.tool].run(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    main()

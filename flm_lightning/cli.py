@@ -1,0 +1,75 @@
+"""LightningCLI entry point: `python main.py fit|validate|test -c conf/X.yaml [--a.b=c ...]`.
+
+Bad input (an invalid config value, an unknown option, a data problem) ends with one line
+`error: ...` naming the field and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Optional
+
+from jsonargparse import ArgumentError
+from lightning.pytorch.cli import LightningCLI
+
+from flm_lightning.data import TextDataModule
+from flm_lightning.errors import EXIT_USAGE, USER_ERRORS
+from flm_lightning.module import FLMLightningModule
+
+
+class FLMCLI(LightningCLI):
+    pass
+
+
+def user_error_in(exc: BaseException) -> Optional[BaseException]:
+    """The project's own user error in `exc`'s cause/context chain (jsonargparse wraps them)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, USER_ERRORS):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def summarize_parser_error(message: str) -> str:
+    """One line out of jsonargparse's nested explanation: the full key and the innermost reason."""
+    own = re.search(r"(model|data|trainer)\.[\w.]+ (must|is|has) [^\n]*", message)
+    if own:
+        return own.group(0).strip()
+    keys = re.findall(r'[Kk]ey "([^"]+)"', message)
+    key = ".".join(dict.fromkeys(keys)) if keys else ""
+    expected = re.search(r"Expected a ([^\n]*?)\. Got value: ([^\n]*)", message)
+    given = re.search(r"Given value: ([^\n]*)", message)
+    choices = re.findall(r"Expected a typing\.Literal\[([^\n]*)\]", message)
+    if expected:
+        reason = f"expected {expected.group(1)}, got {expected.group(2)!r}"
+    elif given:
+        reason = f"invalid value {given.group(1)!r}"
+        if choices:
+            reason += f"; accepted: {', '.join(choices)}"
+    else:
+        reason = next((line.strip() for line in message.splitlines() if line.strip()), "invalid arguments")
+    return f"{key}: {reason}" if key else reason
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    try:
+        FLMCLI(
+            FLMLightningModule,
+            TextDataModule,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},
+            args=args,
+        )
+    except ArgumentError as e:
+        own = user_error_in(e)
+        print(f"error: {own if own else summarize_parser_error(str(e))}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except Exception as e:
+        own = user_error_in(e)
+        if own is None:
+            raise
+        print(f"error: {own}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)

@@ -1,0 +1,89 @@
+"""Text sources: the built-in offline corpus and plain-text files.
+
+The default corpus, "python-docs", is real English technical prose that every Python
+installation carries: the language reference topics of `pydoc_data` (about 0.5 MB) and the
+docstrings of the standard library's modules, classes and functions (about 1.6 MB), read
+with `ast` (nothing is imported or executed). One document per topic or per module.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+from flm_lightning.errors import DataError
+
+BUILTIN = "python-docs"
+_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo"}
+
+
+def python_docs() -> Iterator[str]:
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield topics[key]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        if _SKIP_DIRS.intersection(path.relative_to(stdlib).parts):
+            continue
+        doc = module_docstrings(path)
+        if doc:
+            yield doc
+
+
+def module_docstrings(path: Path, min_chars: int = 40) -> str:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return ""
+    nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    parts = [ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, nodes)]
+    return "\n\n".join(p for p in parts if p and len(p) >= min_chars)
+
+
+def text_files(pattern: str) -> list[Path]:
+    """Files named by a path, a folder (its *.txt files) or a glob, sorted."""
+    path = Path(pattern)
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if not files:
+        raise DataError(f"data.corpus: no text files found at {pattern!r}")
+    return files
+
+
+def read_documents(corpus: str) -> list[str]:
+    """Documents of `corpus`: "python-docs" or text files (one document per file)."""
+    if corpus == BUILTIN:
+        docs = list(python_docs())
+    else:
+        docs = []
+        for f in text_files(corpus):
+            try:
+                docs.append(f.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"data.corpus: {f} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise DataError(f"data.corpus: {corpus!r} holds no text")
+    return docs
+
+
+def corpus_fingerprint(corpus: str) -> str:
+    """Cache key of a corpus: Python version for the built-in one, file names, sizes and mtimes otherwise."""
+    h = hashlib.sha256(corpus.encode())
+    if corpus == BUILTIN:
+        h.update(sys.version.encode())
+    else:
+        for f in text_files(corpus):
+            st = f.stat()
+            h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]

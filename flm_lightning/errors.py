@@ -1,0 +1,16 @@
+"""User-facing errors: one line that names what is wrong, exit status 2."""
+
+
+class ConfigError(ValueError):
+    """A configuration value (YAML, CLI override or derived setting) is invalid.
+
+    The message names the offending field; entry points print it as one line and exit with 2.
+    """
+
+
+class DataError(ValueError):
+    """A data file or data setting is invalid (missing corpus, tokenizer mismatch, ...)."""
+
+
+USER_ERRORS = (ConfigError, DataError)
+EXIT_USAGE = 2

@@ -1,0 +1,164 @@
+"""The one model configuration, validated at construction (Megatron-Core's TransformerConfig idea).
+
+Both families are points in this space:
+- FLM-101B: LayerNorm, GeLU (4d), biases, xPos, tied embedding/head, output temperature.
+- Tele-FLM: RMSNorm (eps 1e-6), SwiGLU (about 8/3 d), no biases, RoPE, untied, input/output multipliers.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+from flm_lightning.errors import ConfigError
+
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "swiglu")
+POSITIONS = ("rope", "xpos")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only FLM model.
+
+    Args:
+        vocab_size: tokenizer vocabulary size; the embedding is padded up to `pad_vocab_multiple`.
+        n_layers: number of transformer blocks.
+        n_heads: attention heads.
+        hidden_size: model width d.
+        head_dim: per-head width; default hidden_size // n_heads. Set it explicitly to let
+            n_heads * head_dim differ from hidden_size (e.g. after head growth).
+        ffn_hidden_size: MLP inner width; default 4d (gelu) or 8/3 d rounded up to 64 (swiglu).
+        norm: "layernorm" or "rmsnorm".
+        norm_eps: epsilon of the norms.
+        activation: "gelu" (tanh approximation, 2 matrices) or "swiglu" (3 matrices).
+        bias: biases in linear layers (and LayerNorm shift).
+        position: "rope" or "xpos" (rotary with per-pair decay).
+        rope_theta: rotary base.
+        xpos_scale_base: xPos scale base B.
+        tie_embeddings: share the embedding matrix with the output head.
+        input_mult: multiplier on the embedding output.
+        output_mult: multiplier on the logits (divided by width_mult, as in μP).
+        base_hidden_size: μP base width; width_mult = hidden_size / base_hidden_size (default 1).
+        max_seq_len: longest sequence the position tables cover.
+        dropout: dropout on attention probabilities and residual branches.
+        init_std: std of the normal initialisation (output projections also / sqrt(2 n_layers)).
+        pad_vocab_multiple: pad the embedding rows to a multiple of this (64/128 for fast kernels).
+    """
+
+    vocab_size: int = 2048
+    n_layers: int = 4
+    n_heads: int = 4
+    hidden_size: int = 256
+    head_dim: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-6
+    activation: str = "swiglu"
+    bias: bool = False
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    xpos_scale_base: float = 512.0
+    tie_embeddings: bool = False
+    input_mult: float = 1.0
+    output_mult: float = 1.0
+    base_hidden_size: Optional[int] = None
+    max_seq_len: int = 2048
+    dropout: float = 0.0
+    init_std: float = 0.02
+    pad_vocab_multiple: int = 64
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("vocab_size", "n_layers", "n_heads", "hidden_size", "max_seq_len", "pad_vocab_multiple"):
+            _require_positive(name, getattr(self, name))
+        for name in ("head_dim", "ffn_hidden_size", "base_hidden_size"):
+            if getattr(self, name) is not None:
+                _require_positive(name, getattr(self, name))
+        for name in ("norm_eps", "rope_theta", "xpos_scale_base", "input_mult", "output_mult"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.arch.{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.arch.dropout must be in [0, 1), got {self.dropout}")
+        if self.init_std < 0:
+            raise ConfigError(f"model.arch.init_std must be >= 0, got {self.init_std}")
+        _require_choice("norm", self.norm, NORMS)
+        _require_choice("activation", self.activation, ACTIVATIONS)
+        _require_choice("position", self.position, POSITIONS)
+        if self.head_dim is None and self.hidden_size % self.n_heads:
+            raise ConfigError(
+                f"model.arch.hidden_size ({self.hidden_size}) is not divisible by model.arch.n_heads "
+                f"({self.n_heads}); change one of them or set model.arch.head_dim explicitly"
+            )
+        if self.head_size % 2:
+            raise ConfigError(f"model.arch.head_dim must be even for rotary positions, got {self.head_size}")
+
+    # Derived sizes are properties, never stored: a config edited with dataclasses.replace
+    # (or by a CLI override of hidden_size) must not keep a stale head_dim or ffn size.
+    @property
+    def head_size(self) -> int:
+        """head_dim, or hidden_size // n_heads when unset."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.n_heads
+
+    @property
+    def ffn_size(self) -> int:
+        """ffn_hidden_size, or the family default (4d for gelu, 8/3 d rounded up to 64 for swiglu)."""
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return default_ffn_hidden_size(self.hidden_size, self.activation)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def attention_dim(self) -> int:
+        return self.n_heads * self.head_size
+
+    @property
+    def width_mult(self) -> float:
+        return self.hidden_size / (self.base_hidden_size or self.hidden_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"model.arch has unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+
+def _check_types(config: ModelConfig) -> None:
+    """Reject wrongly typed values (a YAML typo such as `n_layers: 4x`) with the field's name."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+        base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+        if value is None and optional:
+            continue
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, f.name, float(value))
+        elif not isinstance(value, base) or (base is int and isinstance(value, bool)):
+            raise ConfigError(f"model.arch.{f.name} must be of type {base.__name__}, got {value!r}")
+
+
+def default_ffn_hidden_size(hidden_size: int, activation: str) -> int:
+    if activation == "gelu":
+        return 4 * hidden_size
+    return (8 * hidden_size // 3 + 63) // 64 * 64
+
+
+def _require_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"model.arch.{name} must be a positive integer, got {value!r}")
+
+
+def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"model.arch.{name} must be one of {list(choices)}, got {value!r}")

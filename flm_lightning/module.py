@@ -1,0 +1,143 @@
+"""The LightningModule: FLM decoder + FreeLM-unified objective + AdamW with warmup/decay.
+
+The network is built in `configure_model` so a strategy can build it under its own device
+or meta context and shard it; everything else (parallelism, growth, μP) is applied from
+outside by strategies and callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, is_dataclass
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from flm_lightning.errors import ConfigError
+from flm_lightning.model import FLMTransformer, ModelConfig, count_model
+from flm_lightning.objective import LossParts, freelm_loss
+from flm_lightning.optim import OptimConfig, build_adamw, build_scheduler
+
+
+def _as_config(value: Any, cls):
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return cls.from_dict(value) if hasattr(cls, "from_dict") else cls(**value)
+    if is_dataclass(value):
+        return cls(**asdict(value))
+    raise ConfigError(f"expected a {cls.__name__} or a mapping, got {type(value).__name__}")
+
+
+class FLMLightningModule(L.LightningModule):
+    """Pre-training module for both FLM model families.
+
+    Args:
+        arch: the model architecture (see `ModelConfig`).
+        optim: AdamW and learning-rate schedule (see `OptimConfig`).
+    """
+
+    def __init__(self, arch: Optional[ModelConfig] = None, optim: Optional[OptimConfig] = None):
+        super().__init__()
+        self.arch: ModelConfig = _as_config(arch or ModelConfig(), ModelConfig)
+        self.optim_cfg: OptimConfig = _as_config(optim or OptimConfig(), OptimConfig)
+        # Plain containers only, so checkpoints load with weights_only=True.
+        self.save_hyperparameters({"arch": self.arch.to_dict(), "optim": self.optim_cfg.to_dict()})
+        self.model: Optional[FLMTransformer] = None
+        self.flops_per_batch: Optional[int] = None
+        self.val_loss = MeanMetric()
+        self.val_lm_loss = MeanMetric()
+        self.val_teacher_loss = MeanMetric()
+        accuracy = dict(num_classes=self.arch.padded_vocab_size, average="micro")
+        self.train_teacher_acc = MulticlassAccuracy(**accuracy)
+        self.val_teacher_acc = MulticlassAccuracy(**accuracy)
+
+    # ---- construction --------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_vocab = getattr(datamodule, "tokenizer_vocab_size", None)
+        if data_vocab is not None and data_vocab > self.arch.vocab_size:
+            raise ConfigError(
+                f"model.arch.vocab_size ({self.arch.vocab_size}) is smaller than the tokenizer's vocabulary "
+                f"({data_vocab}); set model.arch.vocab_size >= {data_vocab}"
+            )
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = FLMTransformer(self.arch)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.model(input_ids, position_ids=position_ids)
+
+    # ---- steps ---------------------------------------------------------------------------
+    def _loss(self, batch: dict[str, torch.Tensor]) -> LossParts:
+        logits = self.model(batch["input_ids"], position_ids=batch.get("position_ids"))
+        return freelm_loss(logits, batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.flops_per_batch is None:
+            bsz, seq = batch["input_ids"].shape
+            self.flops_per_batch = count_model(self.arch, seq_len=seq).flops_per_token * bsz * seq
+        parts = self._loss(batch)
+        self.log("train/loss", parts.loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(parts.loss.detach()))
+        if parts.lm_tokens > 0:
+            self.log("train/lm_loss", parts.lm_loss)
+        if parts.teacher_preds is not None:
+            self.log("train/teacher_loss", parts.teacher_loss)
+            self.train_teacher_acc(parts.teacher_preds, parts.teacher_targets)
+            self.log("train/teacher_acc", self.train_teacher_acc)
+        return parts.loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        parts = self._loss(batch)
+        # Token-weighted means: the epoch value is the loss over all validation tokens.
+        self.val_loss.update(parts.loss, weight=parts.tokens)
+        if parts.lm_tokens > 0:
+            self.val_lm_loss.update(parts.lm_loss, weight=parts.lm_tokens)
+        if parts.teacher_preds is not None:
+            self.val_teacher_loss.update(parts.teacher_loss, weight=parts.teacher_tokens)
+            self.val_teacher_acc.update(parts.teacher_preds, parts.teacher_targets)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss))
+        if self.val_lm_loss.update_count:
+            self.log("val/lm_loss", self.val_lm_loss.compute())
+        if self.val_teacher_loss.update_count:
+            self.log("val/teacher_loss", self.val_teacher_loss.compute())
+            self.log("val/teacher_acc", self.val_teacher_acc.compute())
+        for metric in (self.val_loss, self.val_lm_loss, self.val_teacher_loss, self.val_teacher_acc):
+            metric.reset()
+
+    # ---- optimisation --------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        if self.logger is not None:
+            size = count_model(self.arch)
+            self.logger.log_metrics(
+                {"model/parameters": size.parameters, "model/non_embedding_parameters": size.non_embedding_parameters},
+                step=self.global_step,
+            )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            # Before clipping (Lightning clips after this hook): the norm a spike detector wants.
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_adamw(self.model, self.optim_cfg)
+        total = self.optim_cfg.decay_steps or self._total_steps()
+        scheduler = build_scheduler(optimizer, self.optim_cfg, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise ConfigError("set trainer.max_steps (or model.optim.decay_steps): the LR schedule needs a length")
+        return int(steps)
+

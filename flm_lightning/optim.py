@@ -1,0 +1,95 @@
+"""AdamW with the FLM defaults and a warmup + decay learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from flm_lightning.errors import ConfigError
+
+DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule (FLM-101B: betas 0.9/0.95, weight decay 0.1, clip 1.0, cosine to 6e-6).
+
+    Args:
+        lr: peak learning rate.
+        min_lr: final learning rate of the decay.
+        warmup_steps: linear warmup from 0 to `lr`.
+        decay: "cosine", "linear" or "constant" after warmup.
+        decay_steps: length of warmup + decay; default the trainer's max_steps.
+        weight_decay: applied to matrices (ndim >= 2) only, never to biases or norm weights.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+    """
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    decay: str = "cosine"
+    decay_steps: Optional[int] = None
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if not self.lr > 0:
+            raise ConfigError(f"model.optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"model.optim.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"model.optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay not in DECAYS:
+            raise ConfigError(f"model.optim.decay must be one of {list(DECAYS)}, got {self.decay!r}")
+        if self.decay_steps is not None and self.decay_steps <= 0:
+            raise ConfigError(f"model.optim.decay_steps must be > 0, got {self.decay_steps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"model.optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"model.optim.betas must be two values in [0, 1), got {list(self.betas)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _, p in named_params:
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def build_adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
+    )
+
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Learning rate after `step` optimizer steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.decay == "constant":
+        return cfg.lr
+    span = max(total_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    if cfg.decay == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, total_steps) / cfg.lr)
