@@ -54,9 +54,9 @@ def summarize_parser_error(message: str) -> str:
     return f"{key}: {reason}" if key else reason
 
 
-def main(args: Optional[list[str]] = None) -> None:
+def main(args: Optional[list[str]] = None) -> FLMCLI:
     try:
-        FLMCLI(
+        return FLMCLI(
             FLMLightningModule,
             TextDataModule,
             save_config_kwargs={"overwrite": True},
