@@ -105,3 +105,11 @@ def test_missing_config_file(tmp_path, capsys):
         main(["fit", "-c", str(tmp_path / "nope.yaml")])
     assert exit_info.value.code == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_bf16_mixed_fit_runs(docs_cache, tmp_path):
+    cli = main(["fit", *_common(docs_cache, tmp_path), "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+                "--trainer.callbacks=null", "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
+                "--trainer.precision=bf16-mixed"])
+    loss = cli.trainer.callback_metrics["train/loss"].item()
+    assert cli.trainer.global_step == 3 and 6.0 < loss < 8.0
