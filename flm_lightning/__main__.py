@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from flm_lightning.errors import EXIT_USAGE, USER_ERRORS
-from flm_lightning.tools import info
+from flm_lightning.tools import info, plan
 
-TOOLS = {"info": info}
+TOOLS = {"info": info, "plan": plan}
 
 
 def main(argv: list[str] | None = None) -> None:
