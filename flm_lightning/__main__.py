@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from flm_lightning.errors import EXIT_USAGE, USER_ERRORS
-from flm_lightning.tools import info, plan
+from flm_lightning.tools import export_hf, generate, import_hf, info, plan
 
-TOOLS = {"info": info, "plan": plan}
+TOOLS = {"info": info, "plan": plan, "export-hf": export_hf, "import-hf": import_hf, "generate": generate}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,5 +12,9 @@ class DataError(ValueError):
     """A data file or data setting is invalid (missing corpus, tokenizer mismatch, ...)."""
 
 
-USER_ERRORS = (ConfigError, DataError)
+class CheckpointError(ValueError):
+    """A checkpoint or model directory cannot be read or is not one this trainer understands."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
 EXIT_USAGE = 2

@@ -16,6 +16,7 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from flm_lightning.checkpoint import arch_from_checkpoint, load_checkpoint, model_weights
 from flm_lightning.errors import ConfigError
 from flm_lightning.model import FLMTransformer, ModelConfig, count_model
 from flm_lightning.objective import LossParts, freelm_loss
@@ -38,14 +39,19 @@ class FLMLightningModule(L.LightningModule):
     Args:
         arch: the model architecture (see `ModelConfig`).
         optim: AdamW and learning-rate schedule (see `OptimConfig`).
+        init_from: start from the weights of this checkpoint (e.g. from `import-hf` or another
+            run) with a fresh optimizer and schedule; unlike `--ckpt_path`, nothing else resumes.
     """
 
-    def __init__(self, arch: Optional[ModelConfig] = None, optim: Optional[OptimConfig] = None):
+    def __init__(
+        self, arch: Optional[ModelConfig] = None, optim: Optional[OptimConfig] = None, init_from: Optional[str] = None
+    ):
         super().__init__()
         self.arch: ModelConfig = _as_config(arch or ModelConfig(), ModelConfig)
         self.optim_cfg: OptimConfig = _as_config(optim or OptimConfig(), OptimConfig)
         # Plain containers only, so checkpoints load with weights_only=True.
-        self.save_hyperparameters({"arch": self.arch.to_dict(), "optim": self.optim_cfg.to_dict()})
+        self.init_from = init_from
+        self.save_hyperparameters({"arch": self.arch.to_dict(), "optim": self.optim_cfg.to_dict(), "init_from": init_from})
         self.model: Optional[FLMTransformer] = None
         self.flops_per_batch: Optional[int] = None
         self.val_loss = MeanMetric()
@@ -68,6 +74,16 @@ class FLMLightningModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = FLMTransformer(self.arch)
+            if self.init_from:
+                self._load_initial_weights(self.init_from)
+
+    def _load_initial_weights(self, path: str) -> None:
+        ckpt = load_checkpoint(path)
+        theirs, ours = arch_from_checkpoint(ckpt, path).function_fields(), self.arch.function_fields()
+        diff = {k: (v, ours[k]) for k, v in theirs.items() if ours[k] != v}
+        if diff:
+            raise ConfigError(f"model.init_from {path}: model.arch differs from the checkpoint's in {diff} (checkpoint, config)")
+        self.model.load_state_dict(model_weights(ckpt))
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.model(input_ids, position_ids=position_ids)

@@ -170,6 +170,15 @@ class TextDataModule(L.LightningDataModule):
     def tokenizer_file(self) -> Path:
         return self.cache_path / "tokenizer.json"
 
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: the tokenizer travels with the weights (exports, generation)."""
+        if self.meta is None:
+            return {}
+        return {"tokenizer_json": self.tokenizer_file.read_text(encoding="utf-8")}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass  # the tokenizer is rebuilt from the cache; a mismatch is caught by the vocab check
+
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(

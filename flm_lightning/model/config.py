@@ -124,6 +124,15 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def function_fields(self) -> dict[str, Any]:
+        """The fields that decide what a given set of weights computes (derived sizes resolved);
+        two configs with equal function fields can exchange weights."""
+        values = self.to_dict()
+        values.update(head_dim=self.head_size, ffn_hidden_size=self.ffn_size)
+        for training_only in ("dropout", "init_std"):
+            values.pop(training_only)
+        return values
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in fields(cls)}

@@ -93,6 +93,23 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
 
 
+class LayerKVCache:
+    """Keys and values of the positions seen so far by one attention layer (inference only)."""
+
+    def __init__(self) -> None:
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
 class Attention(nn.Module):
     """Multi-head causal self-attention through `F.scaled_dot_product_attention`."""
 
@@ -107,7 +124,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(inner, d, bias=config.bias)
 
     def forward(
-        self, x: torch.Tensor, tables: PositionTables, attention_mask: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        tables: PositionTables,
+        attention_mask: Optional[torch.Tensor] = None,
+        kv_cache: Optional[LayerKVCache] = None,
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
@@ -115,6 +136,10 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, tables)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+            if attention_mask is None and k.shape[2] != seq:  # new queries also see every cached key
+                attention_mask = causal_mask(seq, k.shape[2], x.device)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -124,6 +149,13 @@ class Attention(nn.Module):
             is_causal=attention_mask is None,
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
+    """Boolean [n_queries, n_keys] mask for queries that are the last n_queries of n_keys positions."""
+    offset = n_keys - n_queries
+    q = torch.arange(n_queries, device=device)[:, None] + offset
+    return torch.arange(n_keys, device=device)[None, :] <= q
 
 
 class GeluMLP(nn.Module):
@@ -163,9 +195,13 @@ class TransformerBlock(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, tables: PositionTables, attention_mask: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        tables: PositionTables,
+        attention_mask: Optional[torch.Tensor] = None,
+        kv_cache: Optional[LayerKVCache] = None,
     ) -> torch.Tensor:
-        h = x + self.dropout(self.attention(self.attention_norm(x), tables, attention_mask))
+        h = x + self.dropout(self.attention(self.attention_norm(x), tables, attention_mask, kv_cache))
         return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flm_lightning.model.config import ModelConfig
-from flm_lightning.model.layers import RotaryEmbedding, TransformerBlock, make_norm, residual_init_std
+from flm_lightning.model.layers import LayerKVCache, RotaryEmbedding, TransformerBlock, make_norm, residual_init_std
 
 RESIDUAL_OUTPUTS = ("attention.wo", "feed_forward.w2")
 
@@ -53,11 +53,14 @@ class FLMTransformer(nn.Module):
         tokens: torch.Tensor,
         position_ids: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        kv_cache: Optional[dict[str, LayerKVCache]] = None,
     ) -> torch.Tensor:
         """tokens [B, T] (or hidden states [B, T, d] on a later pipeline stage) -> logits [B, T, V_padded].
 
         attention_mask: optional boolean [B, 1, T, T] (True = attend), e.g. causal within documents;
         None means plain causal attention.
+        kv_cache: for incremental decoding, one `LayerKVCache` per layer name (see `new_kv_cache`);
+        positions then continue after the cached ones.
         """
         cfg = self.config
         if self.tok_embeddings is not None:
@@ -67,13 +70,17 @@ class FLMTransformer(nn.Module):
         else:
             h = tokens
         if position_ids is None:
-            position_ids = torch.arange(h.shape[1], device=h.device)
+            start = next(iter(kv_cache.values())).length if kv_cache else 0
+            position_ids = torch.arange(start, start + h.shape[1], device=h.device)
         tables = self.rotary(position_ids)
-        for layer in self.layers.values():
-            h = layer(h, tables, attention_mask)
+        for name, layer in self.layers.items():
+            h = layer(h, tables, attention_mask, kv_cache[name] if kv_cache is not None else None)
         if self.norm is not None:
             h = self.norm(h)
         return self.logits(h)
+
+    def new_kv_cache(self) -> dict[str, LayerKVCache]:
+        return {name: LayerKVCache() for name in self.layers}
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.output is not None:

@@ -1,0 +1,21 @@
+"""`python -m flm_lightning export-hf --ckpt CKPT --out DIR`: a Hugging Face model directory."""
+
+from __future__ import annotations
+
+import argparse
+
+from flm_lightning.hf.convert import export_hf
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="a checkpoint of this trainer (.ckpt)")
+    parser.add_argument("--out", required=True, help="directory to create")
+    parser.add_argument("--tokenizer", help="tokenizer.json to ship (default: the one saved in the checkpoint)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+
+
+def run(args: argparse.Namespace) -> None:
+    family = export_hf(args.ckpt, args.out, args.tokenizer, args.force)
+    how = "AutoModelForCausalLM.from_pretrained(DIR)" if family == "llama" else \
+        "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)"
+    print(f"wrote {args.out} ({family} format); load it with {how}")
