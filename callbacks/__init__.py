@@ -6,6 +6,7 @@ that could clash with another distribution. Configs name them
 `flm_lightning.callbacks.<Name>`.
 """
 
+from flm_lightning.callbacks.growth import GrowthCallback, GrowthStage
 from flm_lightning.callbacks.throughput import TokenThroughputMonitor
 
-__all__ = ["TokenThroughputMonitor"]
+__all__ = ["GrowthCallback", "GrowthStage", "TokenThroughputMonitor"]

@@ -6,9 +6,16 @@ import argparse
 import sys
 
 from flm_lightning.errors import EXIT_USAGE, USER_ERRORS
-from flm_lightning.tools import export_hf, generate, import_hf, info, plan
+from flm_lightning.tools import export_hf, generate, grow, import_hf, info, plan
 
-TOOLS = {"info": info, "plan": plan, "export-hf": export_hf, "import-hf": import_hf, "generate": generate}
+TOOLS = {
+    "info": info,
+    "plan": plan,
+    "grow": grow,
+    "export-hf": export_hf,
+    "import-hf": import_hf,
+    "generate": generate,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,8 @@ from flm_lightning.checkpoint import arch_from_checkpoint, load_checkpoint, mode
 from flm_lightning.errors import ConfigError
 from flm_lightning.model import FLMTransformer, ModelConfig, count_model
 from flm_lightning.objective import LossParts, freelm_loss
-from flm_lightning.optim import OptimConfig, build_adamw, build_scheduler
+from flm_lightning.growth import GrowthMasks, MaskPlan, grow, mask_value, transfer_adam_state
+from flm_lightning.optim import LR_POLICIES, OptimConfig, build_adamw, build_scheduler
 
 
 def _as_config(value: Any, cls):
@@ -54,6 +55,11 @@ class FLMLightningModule(L.LightningModule):
         self.save_hyperparameters({"arch": self.arch.to_dict(), "optim": self.optim_cfg.to_dict(), "init_from": init_from})
         self.model: Optional[FLMTransformer] = None
         self.flops_per_batch: Optional[int] = None
+        # Growth state (saved in checkpoints): LR events, the ramp in progress, the history.
+        self.lr_events: list[dict] = []
+        self.growth_ramp: Optional[dict] = None
+        self.growth_history: list[dict] = []
+        self._masks: Optional[GrowthMasks] = None
         self.val_loss = MeanMetric()
         self.val_lm_loss = MeanMetric()
         self.val_teacher_loss = MeanMetric()
@@ -148,8 +154,91 @@ class FLMLightningModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_adamw(self.model, self.optim_cfg)
         total = self.optim_cfg.decay_steps or self._total_steps()
-        scheduler = build_scheduler(optimizer, self.optim_cfg, total)
+        scheduler = build_scheduler(optimizer, self.optim_cfg, total, self.lr_events, start_step=self.global_step)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- growth ---------------------------------------------------------------------------
+    def apply_growth(self, target: ModelConfig, *, mode: str = "stack", init: str = "copy", order=None,
+                     ramp_steps: int = 100, lr_policy: str = "rewarmup", rewarmup_steps: int = 100,
+                     optimizer_step: str = "keep", seed: int = 0, step: Optional[int] = None):
+        """Grow the network in place (function preserving), its optimizer state and LR schedule.
+
+        Inside `fit` the optimizer is rebuilt and its AdamW state carried over here; without a
+        trainer (offline growth) the caller does that with the returned (old model, origins).
+        """
+        step = self.global_step if step is None else step
+        self.advance_growth_ramp(step)  # a ramp that ends exactly now is folded first
+        if self.growth_ramp is not None:
+            raise ConfigError(
+                f"cannot grow at step {step}: the ramp of the growth at step "
+                f"{self.growth_ramp['start_step']} is still in progress"
+            )
+        if lr_policy not in LR_POLICIES:
+            raise ConfigError(f"lr_policy must be one of {list(LR_POLICIES)}, got {lr_policy!r}")
+        old_model, old_arch = self.model, self.arch
+        grown, origin, sources, plan = grow(old_model, target, mode=mode, init=init, order=order, seed=seed)
+        self.model, self.arch = grown, target
+        self.flops_per_batch = None
+        self._masks = GrowthMasks(grown, plan, m=0.0)
+        self.growth_ramp = {"plan": asdict(plan), "start_step": step, "ramp_steps": ramp_steps}
+        self.lr_events.append({"step": step, "policy": lr_policy, "rewarmup_steps": rewarmup_steps})
+        self.growth_history.append({"step": step, "from": old_arch.to_dict(), "to": target.to_dict(),
+                                    "layer_sources": [str(x) for x in sources]})
+        if self._trainer is not None and self.trainer.training:
+            old_opt = self.trainer.optimizers[0]
+            self.trainer.strategy.setup_optimizers(self.trainer)  # configure_optimizers on the grown model
+            transfer_adam_state(old_opt, old_model, self.trainer.optimizers[0], grown, origin, optimizer_step)
+        if self.growth_ramp["ramp_steps"] <= 0:
+            self._fold_masks()
+        return old_model, origin
+
+    def _fold_masks(self) -> None:
+        if self._masks is not None:
+            self._masks.remove()
+        self._masks, self.growth_ramp = None, None
+
+    def advance_growth_ramp(self, step: int) -> None:
+        """Set the masks of the ramp in progress to their value at `step`; fold them once it ends."""
+        if self.growth_ramp is not None:
+            m = mask_value(step, self.growth_ramp["start_step"], self.growth_ramp["ramp_steps"])
+            if m >= 1.0:
+                self._fold_masks()
+            else:
+                self._masks.m = m
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.advance_growth_ramp(self.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The current (possibly grown) architecture: exports and tools read it from here.
+        checkpoint["hyper_parameters"]["arch"] = self.arch.to_dict()
+        checkpoint["flm_growth"] = {
+            "ramp": self.growth_ramp,
+            "mask_value": self._masks.m if self._masks is not None else None,
+            "lr_events": self.lr_events,
+            "history": self.growth_history,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        growth = checkpoint.get("flm_growth") or {}
+        saved = ModelConfig.from_dict(checkpoint["hyper_parameters"]["arch"])
+        if saved.function_fields() != self.arch.function_fields():
+            if not growth.get("history"):
+                diff = {k: v for k, v in saved.function_fields().items() if self.arch.function_fields()[k] != v}
+                raise ConfigError(f"the checkpoint's model.arch differs from the config's in {diff}")
+            # A grown run: rebuild the network at its current shape before the weights load.
+            device = next(self.model.parameters()).device if self.model is not None else None
+            self.arch = saved
+            with torch.device(device or "cpu"):
+                self.model = FLMTransformer(saved)
+            self.flops_per_batch = None
+        self.lr_events[:] = growth.get("lr_events", [])
+        self.growth_history = growth.get("history", [])
+        if self._masks is not None:
+            self._masks.remove()
+        self._masks, self.growth_ramp = None, growth.get("ramp")
+        if self.growth_ramp is not None:
+            self._masks = GrowthMasks(self.model, MaskPlan(**self.growth_ramp["plan"]), m=growth["mask_value"])
 
     def _total_steps(self) -> int:
         steps = self.trainer.estimated_stepping_batches

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -76,20 +76,50 @@ def build_adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     )
 
 
-def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Learning rate after `step` optimizer steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+LR_POLICIES = ("continue", "rewarmup", "peak")
+
+
+def _decayed(cfg: OptimConfig, progress: float) -> float:
+    progress = min(max(progress, 0.0), 1.0)
     if cfg.decay == "constant":
         return cfg.lr
-    span = max(total_steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    if cfg.decay == "linear":
-        factor = 1.0 - progress
-    else:
-        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    factor = 1.0 - progress if cfg.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, total_steps) / cfg.lr)
+def lr_at(step: int, cfg: OptimConfig, total_steps: int, events: Sequence[dict] = ()) -> float:
+    """Learning rate of optimizer step `step` (0-based): warmup then decay, modified by growth events.
+
+    A growth event {"step", "policy", "rewarmup_steps"} applies from its step on: "continue" keeps
+    the schedule; "rewarmup" (FLM-101B) keeps the schedule but ramps it up again from 0 over
+    rewarmup_steps; "peak" (MSG) restarts it: rewarmup to the peak, then decay to min_lr at
+    total_steps.
+    """
+    if step < cfg.warmup_steps:
+        lr = cfg.lr * (step + 1) / cfg.warmup_steps
+    else:
+        lr = _decayed(cfg, (step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1))
+    for event in sorted(events, key=lambda e: e["step"]):
+        since = step - event["step"]
+        if since < 0 or event["policy"] == "continue":
+            continue
+        warm = event.get("rewarmup_steps", 0)
+        ramp = min(1.0, (since + 1) / warm) if warm > 0 else 1.0
+        if event["policy"] == "peak":
+            lr = cfg.lr * ramp if since < warm else _decayed(cfg, (since - warm) / max(total_steps - event["step"] - warm, 1))
+        else:
+            lr *= ramp
+    return lr
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
+                    events: Sequence[dict] = (), start_step: int = 0):
+    """LambdaLR over `lr_at`; `events` is read live, so growth events added later take effect.
+
+    start_step > 0 positions a scheduler built mid-run (after a growth event) at that step.
+    """
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", cfg.lr)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(step, cfg, total_steps, events) / cfg.lr, last_epoch=start_step - 1
+    )
