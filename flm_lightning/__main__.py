@@ -6,11 +6,12 @@ import argparse
 import sys
 
 from flm_lightning.errors import EXIT_USAGE, USER_ERRORS
-from flm_lightning.tools import export_hf, generate, grow, import_hf, info, plan
+from flm_lightning.tools import export_hf, generate, grow, import_hf, info, plan, prepare
 
 TOOLS = {
     "info": info,
     "plan": plan,
+    "prepare": prepare,
     "grow": grow,
     "export-hf": export_hf,
     "import-hf": import_hf,

@@ -13,7 +13,7 @@ from typing import Optional
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
-from flm_lightning.data import TextDataModule
+from flm_lightning.data import MixtureDataModule
 from flm_lightning.errors import EXIT_USAGE, USER_ERRORS
 from flm_lightning.module import FLMLightningModule
 
@@ -58,7 +58,8 @@ def main(args: Optional[list[str]] = None) -> FLMCLI:
     try:
         return FLMCLI(
             FLMLightningModule,
-            TextDataModule,
+            MixtureDataModule,
+            subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},
             args=args,

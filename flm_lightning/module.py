@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from flm_lightning.checkpoint import arch_from_checkpoint, load_checkpoint, model_weights
-from flm_lightning.errors import ConfigError
+from flm_lightning.errors import ConfigError, DataError
 from flm_lightning.model import FLMTransformer, ModelConfig, count_model
 from flm_lightning.objective import LossParts, freelm_loss
 from flm_lightning.growth import GrowthMasks, MaskPlan, grow, mask_value, transfer_adam_state
@@ -63,6 +63,8 @@ class FLMLightningModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_lm_loss = MeanMetric()
         self.val_teacher_loss = MeanMetric()
+        self.val_domain_loss = torch.nn.ModuleDict()
+        self._val_domains: list[tuple[str, float]] = []
         accuracy = dict(num_classes=self.arch.padded_vocab_size, average="micro")
         self.train_teacher_acc = MulticlassAccuracy(**accuracy)
         self.val_teacher_acc = MulticlassAccuracy(**accuracy)
@@ -76,6 +78,14 @@ class FLMLightningModule(L.LightningModule):
                 f"model.arch.vocab_size ({self.arch.vocab_size}) is smaller than the tokenizer's vocabulary "
                 f"({data_vocab}); set model.arch.vocab_size >= {data_vocab}"
             )
+        max_id = getattr(datamodule, "max_token_id", None)
+        if max_id is not None and max_id >= self.arch.vocab_size:
+            raise DataError(f"the data holds token id {max_id}, beyond model.arch.vocab_size ({self.arch.vocab_size})")
+        # Per-domain validation: names and bytes per token of the datamodule's validation loaders.
+        self._val_domains = [(n, b) for n, b in getattr(datamodule, "val_domains", []) if b is not None]
+        for name, _ in self._val_domains:
+            if name not in self.val_domain_loss:
+                self.val_domain_loss[name] = MeanMetric().to(self.device)
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -96,7 +106,9 @@ class FLMLightningModule(L.LightningModule):
 
     # ---- steps ---------------------------------------------------------------------------
     def _loss(self, batch: dict[str, torch.Tensor]) -> LossParts:
-        logits = self.model(batch["input_ids"], position_ids=batch.get("position_ids"))
+        logits = self.model(
+            batch["input_ids"], position_ids=batch.get("position_ids"), attention_mask=batch.get("attention_mask")
+        )
         return freelm_loss(logits, batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -114,26 +126,36 @@ class FLMLightningModule(L.LightningModule):
             self.log("train/teacher_acc", self.train_teacher_acc)
         return parts.loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         parts = self._loss(batch)
-        # Token-weighted means: the epoch value is the loss over all validation tokens.
-        self.val_loss.update(parts.loss, weight=parts.tokens)
-        if parts.lm_tokens > 0:
-            self.val_lm_loss.update(parts.lm_loss, weight=parts.lm_tokens)
         if parts.teacher_preds is not None:
             self.val_teacher_loss.update(parts.teacher_loss, weight=parts.teacher_tokens)
             self.val_teacher_acc.update(parts.teacher_preds, parts.teacher_targets)
+        if parts.lm_tokens > 0:
+            # Token-weighted means: an epoch value is the loss over all validation tokens.
+            self.val_loss.update(parts.lm_loss, weight=parts.lm_tokens)
+            self.val_lm_loss.update(parts.lm_loss, weight=parts.lm_tokens)
+            if self._val_domains:
+                self.val_domain_loss[self._val_domains[dataloader_idx][0]].update(parts.lm_loss, weight=parts.lm_tokens)
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss))
-        if self.val_lm_loss.update_count:
+        if self.val_loss.update_count:
+            loss = self.val_loss.compute()
+            self.log("val/loss", loss, prog_bar=True)
+            self.log("val/ppl", torch.exp(loss))
             self.log("val/lm_loss", self.val_lm_loss.compute())
         if self.val_teacher_loss.update_count:
             self.log("val/teacher_loss", self.val_teacher_loss.compute())
             self.log("val/teacher_acc", self.val_teacher_acc.compute())
-        for metric in (self.val_loss, self.val_lm_loss, self.val_teacher_loss, self.val_teacher_acc):
+        if len(self._val_domains) > 1:  # one domain: val/loss says it all
+            for name, bytes_per_token in self._val_domains:
+                metric = self.val_domain_loss[name] if name in self.val_domain_loss else None
+                if metric is not None and metric.update_count:
+                    domain_loss = metric.compute()
+                    self.log(f"val/{name}/loss", domain_loss)
+                    self.log(f"val/{name}/bpb", domain_loss / (math.log(2) * bytes_per_token))
+        for metric in (self.val_loss, self.val_lm_loss, self.val_teacher_loss, self.val_teacher_acc,
+                       *self.val_domain_loss.values()):
             metric.reset()
 
     # ---- optimisation --------------------------------------------------------------------

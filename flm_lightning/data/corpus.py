@@ -9,20 +9,26 @@ with `ast` (nothing is imported or executed). One document per topic or per modu
 from __future__ import annotations
 
 import ast
-import glob
 import hashlib
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
-from flm_lightning.errors import DataError
+from flm_lightning.data.readers import ReadStats, count_document, expand_inputs
 
 BUILTIN = "python-docs"
 _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo"}
 
 
-def python_docs() -> Iterator[str]:
+def python_docs(stats: Optional[ReadStats] = None) -> Iterator[str]:
+    """The built-in corpus, one document per topic or module; counted into `stats` if given."""
+    stats = stats if stats is not None else ReadStats()
+    for doc in _python_docs():
+        yield from count_document(doc, stats)
+
+
+def _python_docs() -> Iterator[str]:
     from pydoc_data.topics import topics
 
     for key in sorted(topics):
@@ -46,44 +52,13 @@ def module_docstrings(path: Path, min_chars: int = 40) -> str:
     return "\n\n".join(p for p in parts if p and len(p) >= min_chars)
 
 
-def text_files(pattern: str) -> list[Path]:
-    """Files named by a path, a folder (its *.txt files) or a glob, sorted."""
-    path = Path(pattern)
-    if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-    elif path.is_file():
-        files = [path]
-    else:
-        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-    if not files:
-        raise DataError(f"data.corpus: no text files found at {pattern!r}")
-    return files
-
-
-def read_documents(corpus: str) -> list[str]:
-    """Documents of `corpus`: "python-docs" or text files (one document per file)."""
-    if corpus == BUILTIN:
-        docs = list(python_docs())
-    else:
-        docs = []
-        for f in text_files(corpus):
-            try:
-                docs.append(f.read_text(encoding="utf-8"))
-            except UnicodeDecodeError as e:
-                raise DataError(f"data.corpus: {f} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise DataError(f"data.corpus: {corpus!r} holds no text")
-    return docs
-
-
 def corpus_fingerprint(corpus: str) -> str:
     """Cache key of a corpus: Python version for the built-in one, file names, sizes and mtimes otherwise."""
     h = hashlib.sha256(corpus.encode())
     if corpus == BUILTIN:
         h.update(sys.version.encode())
     else:
-        for f in text_files(corpus):
+        for f in expand_inputs([corpus]):
             st = f.stat()
             h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]

@@ -1,70 +1,204 @@
-"""A small, real data path: documents -> byte-level BPE -> packed token windows.
-
-Documents are split into train and validation by document (never inside one), tokenised,
-joined with an end-of-document token and cut into windows of `seq_len + 1` tokens. The
-token streams and the tokenizer are cached on disk under a key of everything they depend on,
-and written atomically (temporary name, then rename), so an interrupted preparation never
-leaves a cache that later loads as valid.
-"""
+"""LightningDataModules: a mixture of prepared domains (`MixtureDataModule`) and the default
+corpus run through the same pipeline (`TextDataModule`)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import random
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, Subset
 
-from flm_lightning.data.corpus import corpus_fingerprint, read_documents
-from flm_lightning.data.tokenizer import eod_id, load_tokenizer, train_byte_level_bpe
+from flm_lightning.data.corpus import BUILTIN, corpus_fingerprint, python_docs
+from flm_lightning.data.mixture import (
+    MixtureDataset,
+    PackedWindows,
+    ResumableSampler,
+    SourceSpec,
+    TeacherSamples,
+    TeacherSpec,
+    read_teacher_records,
+)
+from flm_lightning.data.prepare import prepare, prepare_documents
+from flm_lightning.data.shards import PreparedCorpus
 from flm_lightning.errors import ConfigError, DataError
 
-
-class PackedTokens(Dataset):
-    """Consecutive windows of a token stream: sample i is tokens[i*T : i*T + T + 1]."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens = tokens
-        self.seq_len = seq_len
-
-    def __len__(self) -> int:
-        return max((len(self.tokens) - 1) // self.seq_len, 0)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        start = i * self.seq_len
-        window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
-        return {
-            "input_ids": window[:-1],
-            "labels": window[1:],
-            "loss_mask": torch.ones(self.seq_len, dtype=torch.float32),
-        }
+TEACHER_DOMAIN = "teacher"
 
 
-class TextDataModule(L.LightningDataModule):
-    """Packed causal-LM batches from a text corpus.
+class MixtureDataModule(L.LightningDataModule):
+    """Packed causal-LM batches from a weighted mixture of prepared domains, plus FreeLM teacher
+    samples, in an order that resumes exactly (see `flm_lightning.data.mixture`).
 
     Args:
-        corpus: "python-docs" (built in, offline) or a text file, folder of *.txt files or glob.
-        tokenizer: a tokenizer.json to use; by default a byte-level BPE of `vocab_size` is
-            trained on the training documents.
-        vocab_size: size of the trained BPE (ignored when `tokenizer` is given).
-        seq_len: tokens per training sample.
-        batch_size: samples per batch (per device).
-        val_fraction: fraction of documents held out for validation.
-        seed: seeds the document split and the sample order.
-        cache_dir: where the tokenizer and token streams are cached.
+        sources: the domains (prepared directories, weights, epoch caps).
+        seq_len: tokens per sample.
+        batch_size: samples per batch and device.
+        seed: seeds the per-epoch window permutations and the teacher split.
+        teacher: FreeLM teacher / instruction data mixed into every batch.
+        reset_at_document_boundaries: restart positions and attention at every end of document.
+        val_windows: validation windows per domain (default: all).
         num_workers: DataLoader worker processes.
     """
 
     def __init__(
         self,
-        corpus: str = "python-docs",
+        sources: Optional[list[SourceSpec]] = None,
+        seq_len: int = 256,
+        batch_size: int = 16,
+        seed: int = 1234,
+        teacher: Optional[TeacherSpec] = None,
+        reset_at_document_boundaries: bool = False,
+        val_windows: Optional[int] = None,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"data.{name} must be a positive integer, got {value}")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.sources = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in sources or []]
+        for i, s in enumerate(self.sources):
+            if not s.weight >= 0 or (s.epochs is not None and s.epochs <= 0):
+                raise ConfigError(f"data.sources[{i}]: weight must be >= 0 and epochs > 0 (got {s.weight}, {s.epochs})")
+        if self.sources and sum(s.weight for s in self.sources) <= 0:
+            raise ConfigError("data.sources: the weights are all zero")
+        self.teacher = teacher if teacher is None or isinstance(teacher, TeacherSpec) else TeacherSpec(**teacher)
+        if self.teacher is not None and not 0 < self.teacher.ratio < 1:
+            raise ConfigError(f"data.teacher.ratio must be in (0, 1), got {self.teacher.ratio}")
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.reset = reset_at_document_boundaries
+        self.val_windows, self.num_workers = val_windows, num_workers
+        self.consumed_samples = 0
+        self.tokenizer: Optional[Tokenizer] = None
+        self.corpora: list[PreparedCorpus] = []
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.tokenizer is not None:
+            return
+        if not self.sources:
+            raise ConfigError("data.sources is empty: list at least one prepared directory")
+        self.corpora = [PreparedCorpus(s.path) for s in self.sources]
+        first = self.corpora[0]
+        for corpus in self.corpora[1:]:
+            corpus.check_compatible(tokenizer_sha256=first.tokenizer_sha256)
+        self.tokenizer = Tokenizer.from_file(str(first.path / "tokenizer.json"))
+        self.eod = int(first.manifest["eod_id"])
+        self.names = [s.name or c.domain for s, c in zip(self.sources, self.corpora)]
+        if len(set(self.names)) != len(self.names):
+            raise ConfigError(f"data.sources: domain names must differ, got {self.names}; set name:")
+        self.train_parts = [PackedWindows(c, "train", self.seq_len, self.eod, self.reset) for c in self.corpora]
+        self.val_parts = [PackedWindows(c, "val", self.seq_len, self.eod, self.reset) for c in self.corpora]
+        for name, part in zip(self.names, self.train_parts):
+            if len(part) == 0:
+                raise DataError(f"data: domain {name!r} has fewer than seq_len + 1 = {self.seq_len + 1} training tokens")
+        self.teacher_train = self.teacher_val = None
+        if self.teacher is not None:
+            records = read_teacher_records(self.teacher.path)
+            order = np.random.default_rng(self.seed).permutation(len(records))
+            n_val = int(round(self.teacher.val_fraction * len(records)))
+            samples = TeacherSamples([records[i] for i in order], self.tokenizer, self.teacher, self.seq_len,
+                                     self.eod, self.reset, f"data.teacher ({self.teacher.path})")
+            self.teacher_val = Subset(samples, range(n_val)) if n_val else None
+            self.teacher_train = Subset(samples, range(n_val, len(samples)))
+            if len(self.teacher_train) == 0:
+                raise DataError("data.teacher: no training records left after the validation split")
+
+    @property
+    def tokenizer_vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    @property
+    def max_token_id(self) -> int:
+        return max(c.max_token_id for c in self.corpora)
+
+    @property
+    def val_domains(self) -> list[tuple[str, Optional[float]]]:
+        """(name, bytes per token) of each validation dataloader, in order; None for teacher data."""
+        domains = [(n, c.bytes_per_token("val")) for n, c, p in zip(self.names, self.corpora, self.val_parts) if len(p)]
+        if self.teacher_val is not None:
+            domains.append((TEACHER_DOMAIN, None))
+        return domains
+
+    # ---- loaders -------------------------------------------------------------------------------
+    def _world(self) -> tuple[int, int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1, 1
+        return trainer.global_rank, trainer.world_size, trainer.accumulate_grad_batches
+
+    def global_batch(self) -> int:
+        _, world, accumulate = self._world()
+        return self.batch_size * world * accumulate
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world, _ = self._world()
+        max_steps = getattr(self.trainer, "max_steps", -1) if self.trainer is not None else -1
+        caps = [None if s.epochs is None else int(s.epochs * len(p)) for s, p in zip(self.sources, self.train_parts)]
+        if max_steps and max_steps > 0:
+            total = max_steps * self.global_batch()
+        else:  # one pass: every source once, or up to its cap
+            total = sum(len(p) if c is None else c for p, c in zip(self.train_parts, caps))
+        parts, weights = list(self.train_parts), [s.weight for s in self.sources]
+        if self.teacher_train is not None:
+            weights = [w * (1 - self.teacher.ratio) / sum(weights) for w in weights] + [self.teacher.ratio]
+            parts.append(self.teacher_train)
+            caps.append(None)
+        dataset = MixtureDataset(parts, weights, caps, total, self.seed)
+        sampler = ResumableSampler(self.consumed_samples, total, self.batch_size, rank, world)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          drop_last=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        sets = []
+        for part in self.val_parts:
+            if len(part):
+                sets.append(Subset(part, range(min(len(part), self.val_windows or len(part)))))
+        if self.teacher_val is not None:
+            sets.append(self.teacher_val)
+        if not sets:
+            raise DataError("data: no validation data (prepare with --val-fraction > 0)")
+        return [DataLoader(s, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers) for s in sets]
+
+    # ---- checkpoint state ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The data position (global samples consumed) and the tokenizer, saved in every checkpoint."""
+        state = {}
+        if self.trainer is not None:
+            state["consumed_samples"] = self.trainer.global_step * self.global_batch()
+        if self.tokenizer is not None:
+            state["tokenizer_json"] = self.tokenizer.to_str()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.consumed_samples = int(state_dict.get("consumed_samples", 0))
+
+
+class TextDataModule(MixtureDataModule):
+    """The default corpus (or text files) through the same pipeline: prepared once into the cache.
+
+    Args:
+        corpus: "python-docs" (built in, offline: Python's reference topics and standard-library
+            docstrings, about 2 MB of English) or files / folders / globs of .txt, .jsonl, .parquet.
+        tokenizer: a tokenizer.json to use; by default a byte-level BPE of `vocab_size` is trained.
+        vocab_size: size of the trained BPE (ignored with `tokenizer`).
+        seq_len: tokens per sample.
+        batch_size: samples per batch and device.
+        val_fraction: fraction of documents held out for validation.
+        seed: seeds the split and the order.
+        cache_dir: where the prepared corpus is cached.
+        num_workers: DataLoader worker processes.
+        reset_at_document_boundaries: restart positions and attention at every end of document.
+    """
+
+    def __init__(
+        self,
+        corpus: str = BUILTIN,
         tokenizer: Optional[str] = None,
         vocab_size: int = 2048,
         seq_len: int = 256,
@@ -73,140 +207,41 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 1234,
         cache_dir: str = ".cache/flm_lightning",
         num_workers: int = 0,
+        reset_at_document_boundaries: bool = False,
     ):
-        super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len), ("batch_size", batch_size)):
-            if value <= 0:
-                raise ConfigError(f"data.{name} must be a positive integer, got {value}")
         if vocab_size < 257:
             raise ConfigError(f"data.vocab_size must be at least 257 (256 bytes + end of document), got {vocab_size}")
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
-        self.save_hyperparameters()
-        self.corpus, self.tokenizer_path = corpus, tokenizer
-        self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
-        self.val_fraction, self.seed, self.num_workers = val_fraction, seed, num_workers
+        self.corpus, self.tokenizer_path, self.vocab_size, self.val_fraction = corpus, tokenizer, vocab_size, val_fraction
         self.cache_root = Path(cache_dir)
-        self.meta: Optional[dict] = None
-        self.train_set: Optional[PackedTokens] = None
-        self.val_set: Optional[PackedTokens] = None
+        super().__init__(sources=[], seq_len=seq_len, batch_size=batch_size, seed=seed, num_workers=num_workers,
+                         reset_at_document_boundaries=reset_at_document_boundaries)
+        self.save_hyperparameters()
+        self.sources = [SourceSpec(path=str(self.cache_path), name=corpus if corpus == BUILTIN else "text")]
 
-    # ---- preparation (rank 0) -------------------------------------------------------------
     @property
     def cache_path(self) -> Path:
         h = hashlib.sha256()
         h.update(corpus_fingerprint(self.corpus).encode())
         if self.tokenizer_path:
-            h.update(Path(self.tokenizer_path).read_bytes() if Path(self.tokenizer_path).is_file() else b"missing")
+            path = Path(self.tokenizer_path)
+            h.update(path.read_bytes() if path.is_file() else b"missing")
         else:
             h.update(f"bpe{self.vocab_size}".encode())
         h.update(f"{self.val_fraction}:{self.seed}".encode())
         return self.cache_root / h.hexdigest()[:16]
 
     def prepare_data(self) -> None:
-        out = self.cache_path
-        if (out / "meta.json").is_file():
+        if (self.cache_path / "manifest.json").is_file():
             return
-        out.mkdir(parents=True, exist_ok=True)
-        docs = read_documents(self.corpus)
-        if len(docs) < 2:
-            raise DataError(f"data.corpus: {self.corpus!r} has {len(docs)} document(s); need 2+ to hold one out")
-        order = list(range(len(docs)))
-        random.Random(self.seed).shuffle(order)
-        n_val = max(1, round(self.val_fraction * len(docs)))
-        val_docs = [docs[i] for i in sorted(order[:n_val])]
-        train_docs = [docs[i] for i in sorted(order[n_val:])]
-        if self.tokenizer_path:
-            tok = load_tokenizer(self.tokenizer_path)
+        options = dict(tokenizer=self.tokenizer_path, vocab_size=None if self.tokenizer_path else self.vocab_size,
+                       val_fraction=self.val_fraction, seed=self.seed, progress=False)
+        if self.corpus == BUILTIN:
+            prepare_documents(python_docs, str(self.cache_path), domain=BUILTIN, sources=[BUILTIN], **options)
         else:
-            tok = train_byte_level_bpe(train_docs, self.vocab_size)
-        eod = eod_id(tok)
-        dtype = np.uint16 if tok.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.uint32
-        meta = {
-            "corpus": self.corpus,
-            "documents": {"train": len(train_docs), "val": len(val_docs)},
-            "tokenizer_vocab_size": tok.get_vocab_size(),
-            "eod_id": eod,
-            "dtype": np.dtype(dtype).name,
-            "tokens": {},
-        }
-        for split, split_docs in (("train", train_docs), ("val", val_docs)):
-            ids = encode_documents(tok, split_docs, eod, dtype)
-            meta["tokens"][split] = int(ids.size)
-            _atomic_write(out / f"{split}.bin", ids.tobytes())
-        _atomic_write(out / "tokenizer.json", tok.to_str().encode())
-        _atomic_write(out / "meta.json", json.dumps(meta, indent=1).encode())  # last: marks the cache valid
-
-    # ---- loading (every rank) -------------------------------------------------------------
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.meta is not None:
-            return
-        out = self.cache_path
-        meta_file = out / "meta.json"
-        if not meta_file.is_file():
-            raise DataError(f"data: cache {out} is missing; prepare_data() has not run")
-        self.meta = json.loads(meta_file.read_text())
-        dtype = np.dtype(self.meta["dtype"])
-        for split in ("train", "val"):
-            path = out / f"{split}.bin"
-            expected = self.meta["tokens"][split] * dtype.itemsize
-            if not path.is_file() or path.stat().st_size != expected:
-                raise DataError(f"data: {path} is missing or truncated (expected {expected} bytes); delete {out}")
-            tokens = np.memmap(path, dtype=dtype, mode="r")
-            dataset = PackedTokens(tokens, self.seq_len)
-            if len(dataset) == 0:
-                raise DataError(f"data: the {split} split has {tokens.size} tokens, fewer than seq_len+1")
-            setattr(self, f"{split}_set", dataset)
-
-    @property
-    def tokenizer_vocab_size(self) -> int:
-        if self.meta is None:
-            raise RuntimeError("TextDataModule.setup() has not run")
-        return int(self.meta["tokenizer_vocab_size"])
+            prepare([self.corpus], str(self.cache_path), domain="text", **options)
 
     @property
     def tokenizer_file(self) -> Path:
         return self.cache_path / "tokenizer.json"
-
-    def state_dict(self) -> dict:
-        """Saved in every checkpoint: the tokenizer travels with the weights (exports, generation)."""
-        if self.meta is None:
-            return {}
-        return {"tokenizer_json": self.tokenizer_file.read_text(encoding="utf-8")}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        pass  # the tokenizer is rebuilt from the cache; a mismatch is caught by the vocab check
-
-    def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
-            drop_last=True,
-            num_workers=self.num_workers,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
-
-
-def encode_documents(tok, docs: list[str], eod: int, dtype) -> np.ndarray:
-    """Token ids of `docs`, each followed by the end-of-document id, as one array."""
-    pieces = []
-    for enc in tok.encode_batch(docs, add_special_tokens=False):
-        pieces.append(np.asarray(enc.ids, dtype=dtype))
-        pieces.append(np.asarray([eod], dtype=dtype))
-    return np.concatenate(pieces)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -12,14 +12,17 @@ from flm_lightning.errors import DataError
 EOD_TOKEN = "<|endoftext|>"
 
 
-def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """A GPT-2 style byte-level BPE (the kind Tele-FLM trained) with `EOD_TOKEN` as id 0."""
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, extra_special_tokens: Iterable[str] = ()) -> Tokenizer:
+    """A GPT-2 style byte-level BPE (the kind Tele-FLM trained) with `EOD_TOKEN` as id 0.
+
+    `extra_special_tokens` (e.g. FreeLM's two label tokens) become single, never-split tokens.
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOD_TOKEN],
+        special_tokens=[EOD_TOKEN, *extra_special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
