@@ -258,3 +258,43 @@ def test_prepare_cli(raw, tmp_path):
     again = subprocess.run([sys.executable, "-m", "flm_lightning", "prepare", "--input", str(raw / "en"),
                             "--output", str(tmp_path / "p"), "--vocab-size", "300"], capture_output=True, text=True)
     assert again.returncode == 2 and "already prepared" in again.stderr
+
+
+def test_two_domain_mixture_through_the_cli(prepared, tmp_path):
+    """main.py fit on a two-domain mixture with teacher data: per-domain curves in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from flm_lightning.cli import main
+
+    records = [{"text": f"{a} plus {b}.", "proposition": f"The sum is {a + b + (i % 2)}.", "label": i % 2 == 0}
+               for i, (a, b) in enumerate((i % 7, i % 5) for i in range(40))]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    (tmp_path / "mix.yaml").write_text(f"""
+data:
+  class_path: flm_lightning.data.MixtureDataModule
+  init_args:
+    sources:
+      - {{path: {prepared / 'en'}, weight: 0.6}}
+      - {{path: {prepared / 'zh'}, weight: 0.4, epochs: 50}}
+    teacher: {{path: {tmp_path / 't.jsonl'}, ratio: 0.25}}
+    seq_len: 32
+    batch_size: 8
+    reset_at_document_boundaries: true
+model:
+  arch: {{vocab_size: 640, max_seq_len: 32}}
+""")
+    args = ["fit", "-c", "conf/tiny.yaml", "-c", str(tmp_path / "mix.yaml"), "--trainer.max_steps=12",
+            "--trainer.val_check_interval=6", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=2"]
+    main(args)
+    acc = EventAccumulator(next((tmp_path / "tiny").glob("version_0/events.out.tfevents.*")).as_posix())
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"val/en/loss", "val/en/bpb", "val/zh/loss", "val/zh/bpb", "val/teacher_acc", "train/teacher_loss"} <= tags
+    en = acc.Scalars("val/en/loss")[-1].value
+    bytes_per_token = PreparedCorpus(prepared / "en").bytes_per_token("val")
+    assert acc.Scalars("val/en/bpb")[-1].value == pytest.approx(en / (np.log(2) * bytes_per_token), rel=1e-4)
+    # Token ids beyond the model's vocabulary: one clear error, exit 2.
+    with pytest.raises(SystemExit) as exit_info:
+        main(args[:4] + ["--model.arch.vocab_size=300", "--trainer.logger=false"])
+    assert exit_info.value.code == 2

@@ -26,7 +26,7 @@ from flm_lightning.data.shards import FORMAT, ShardWriter, sha256_text, token_dt
 from flm_lightning.data.tokenizer import EOD_TOKEN, eod_id, load_tokenizer, train_byte_level_bpe
 from flm_lightning.errors import DataError
 
-CHUNK_DOCS = 256
+CHUNK_DOCS = 1024
 _WORKER_TOKENIZER: Optional[Tokenizer] = None
 
 
@@ -123,9 +123,10 @@ def prepare_documents(
         for chunk, ids in encoded:
             for text, doc_ids in zip(chunk, ids):
                 split = "val" if rng.random() < val_fraction else "train"
-                arr = np.asarray(doc_ids + [eod], dtype=np.int64)
-                if len(arr) > 1:
-                    max_id = max(max_id, int(arr.max()))
+                arr = np.empty(len(doc_ids) + 1, dtype=dtype)
+                arr[:-1] = doc_ids
+                arr[-1] = eod
+                max_id = max(max_id, int(arr.max()))
                 writers[split].add(arr)
                 n_bytes = len(text.encode("utf-8"))
                 split_bytes[split] += n_bytes
