@@ -298,3 +298,29 @@ model:
     with pytest.raises(SystemExit) as exit_info:
         main(args[:4] + ["--model.arch.vocab_size=300", "--trainer.logger=false"])
     assert exit_info.value.code == 2
+
+
+def test_resumed_fit_sees_the_same_batches_and_losses(docs_cache, tmp_path):
+    """Kill-free version of the resume check: a run resumed from its step-6 checkpoint logs,
+    step for step, exactly the training losses of the run that went on (data order, model,
+    optimizer and schedule all restored)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from flm_lightning.cli import main
+
+    def run(name, *extra):
+        main(["fit", "-c", "conf/tiny.yaml", f"--data.cache_dir={docs_cache}", "--data.seq_len=32", "--data.batch_size=4",
+              "--model.arch.n_layers=2", "--trainer.max_steps=12", "--trainer.limit_val_batches=0",
+              f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.logger.init_args.name={name}",
+              "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+              "--trainer.enable_model_summary=false", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+              "--trainer.callbacks.every_n_train_steps=6", "--trainer.callbacks.save_top_k=-1", *extra])
+        acc = EventAccumulator(next((tmp_path / name).glob("version_*/events.out.tfevents.*")).as_posix())
+        acc.Reload()
+        return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+    full = run("full")
+    ckpt = next((tmp_path / "full").glob("version_0/checkpoints/*step=6.ckpt"))
+    resumed = run("resumed", f"--ckpt_path={ckpt}")
+    assert sorted(resumed) == list(range(6, 12))
+    assert [resumed[s] for s in range(6, 12)] == [full[s] for s in range(6, 12)]  # bit for bit
