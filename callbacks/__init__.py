@@ -7,6 +7,7 @@ that could clash with another distribution. Configs name them
 """
 
 from flm_lightning.callbacks.growth import GrowthCallback, GrowthStage
+from flm_lightning.callbacks.preemption import PreemptionCheckpoint
 from flm_lightning.callbacks.throughput import TokenThroughputMonitor
 
-__all__ = ["GrowthCallback", "GrowthStage", "TokenThroughputMonitor"]
+__all__ = ["GrowthCallback", "GrowthStage", "PreemptionCheckpoint", "TokenThroughputMonitor"]

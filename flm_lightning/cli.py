@@ -10,16 +10,25 @@ import re
 import sys
 from typing import Optional
 
+from pathlib import Path
+
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
+from flm_lightning.checkpointing import check_checkpoint_file
 from flm_lightning.data import MixtureDataModule
 from flm_lightning.errors import EXIT_USAGE, USER_ERRORS
 from flm_lightning.module import FLMLightningModule
 
 
 class FLMCLI(LightningCLI):
-    pass
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads hyper-parameters from --ckpt_path next: check the file first, so a torn
+        # or corrupted checkpoint is one clear error instead of an unpickling traceback.
+        ckpt_path = self.config.get(self.config.get("subcommand") or "", {}).get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_checkpoint_file(Path(ckpt_path))
 
 
 def user_error_in(exc: BaseException) -> Optional[BaseException]:

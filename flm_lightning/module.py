@@ -8,10 +8,12 @@ outside by strategies and callbacks.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, is_dataclass
 from typing import Any, Optional
 
 import lightning as L
+import numpy as np
 import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -22,6 +24,30 @@ from flm_lightning.model import FLMTransformer, ModelConfig, count_model
 from flm_lightning.objective import LossParts, freelm_loss
 from flm_lightning.growth import GrowthMasks, MaskPlan, grow, mask_value, transfer_adam_state
 from flm_lightning.optim import LR_POLICIES, OptimConfig, build_adamw, build_scheduler
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) generator states as plain containers and tensors."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _as_config(value: Any, cls):
@@ -234,6 +260,7 @@ class FLMLightningModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The current (possibly grown) architecture: exports and tools read it from here.
         checkpoint["hyper_parameters"]["arch"] = self.arch.to_dict()
+        checkpoint["rng"] = rng_state()
         checkpoint["flm_growth"] = {
             "ramp": self.growth_ramp,
             "mask_value": self._masks.m if self._masks is not None else None,
@@ -261,6 +288,8 @@ class FLMLightningModule(L.LightningModule):
         self._masks, self.growth_ramp = None, growth.get("ramp")
         if self.growth_ramp is not None:
             self._masks = GrowthMasks(self.model, MaskPlan(**self.growth_ramp["plan"]), m=growth["mask_value"])
+        if "rng" in checkpoint:  # last: rebuilding the network above draws from the generator
+            restore_rng_state(checkpoint["rng"])
 
     def _total_steps(self) -> int:
         steps = self.trainer.estimated_stepping_batches

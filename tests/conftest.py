@@ -28,3 +28,17 @@ def family(request) -> str:
 def docs_cache(tmp_path_factory):
     """One tokenised python-docs cache shared by the end-to-end tests."""
     return tmp_path_factory.mktemp("cache")
+
+
+def _tests_tiny_config() -> str:
+    """conf/tiny.yaml with checkpoints in each run's own log folder (not the shared runs/tiny/checkpoints)."""
+    import tempfile
+    from pathlib import Path
+
+    text = Path("conf/tiny.yaml").read_text().replace("dirpath: runs/tiny/checkpoints", "dirpath: null")
+    path = Path(tempfile.mkdtemp(prefix="flm-tests-")) / "tiny.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+TINY = _tests_tiny_config()

@@ -7,6 +7,7 @@ import sys
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.conftest import TINY
 from flm_lightning.cli import main
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -14,7 +15,7 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 
 def _common(cache, tmp):
     return [
-        "-c", "conf/tiny.yaml",
+        "-c", TINY,
         f"--data.cache_dir={cache}",
         f"--trainer.logger.init_args.save_dir={tmp}",
         "--trainer.limit_val_batches=4",
@@ -93,7 +94,7 @@ def test_bad_config_exits_2_with_one_line(override, expected, docs_cache, tmp_pa
 
 def test_bad_config_in_a_real_process(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(open("conf/tiny.yaml").read().replace("n_heads: 4", "n_heads: 3"))
+    bad.write_text(open(TINY).read().replace("n_heads: 4", "n_heads: 3"))
     out = subprocess.run([sys.executable, "main.py", "fit", "-c", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: model.arch.hidden_size (128) is not divisible")

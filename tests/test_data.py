@@ -12,6 +12,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from tests.conftest import TINY
 from flm_lightning.data import MixtureDataModule, SourceSpec, TeacherSpec, TextDataModule, prepare
 from flm_lightning.data.corpus import python_docs
 from flm_lightning.data.mixture import MixtureDataset, PackedWindows, ResumableSampler, blend, document_masks
@@ -283,7 +284,7 @@ data:
 model:
   arch: {{vocab_size: 640, max_seq_len: 32}}
 """)
-    args = ["fit", "-c", "conf/tiny.yaml", "-c", str(tmp_path / "mix.yaml"), "--trainer.max_steps=12",
+    args = ["fit", "-c", TINY, "-c", str(tmp_path / "mix.yaml"), "--trainer.max_steps=12",
             "--trainer.val_check_interval=6", f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=2"]
     main(args)
@@ -309,7 +310,7 @@ def test_resumed_fit_sees_the_same_batches_and_losses(docs_cache, tmp_path):
     from flm_lightning.cli import main
 
     def run(name, *extra):
-        main(["fit", "-c", "conf/tiny.yaml", f"--data.cache_dir={docs_cache}", "--data.seq_len=32", "--data.batch_size=4",
+        main(["fit", "-c", TINY, f"--data.cache_dir={docs_cache}", "--data.seq_len=32", "--data.batch_size=4",
               "--model.arch.n_layers=2", "--trainer.max_steps=12", "--trainer.limit_val_batches=0",
               f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.logger.init_args.name={name}",
               "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",

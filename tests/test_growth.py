@@ -15,7 +15,7 @@ from flm_lightning.growth import GrowthMasks, grow, layer_order, masked_norm, tr
 from flm_lightning.model import FLMTransformer
 from flm_lightning.module import FLMLightningModule
 from flm_lightning.optim import OptimConfig, build_adamw, lr_at
-from tests.conftest import tiny_config
+from tests.conftest import TINY, tiny_config
 
 GROWTHS = {
     "ffn": dict(ffn_hidden_size=256),
@@ -197,7 +197,7 @@ trainer:
 def growth_run(docs_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grow")
     (tmp / "grow.yaml").write_text(GROWTH_YAML)
-    cli = main(["fit", "-c", "conf/tiny.yaml", "-c", str(tmp / "grow.yaml"), f"--data.cache_dir={docs_cache}",
+    cli = main(["fit", "-c", TINY, "-c", str(tmp / "grow.yaml"), f"--data.cache_dir={docs_cache}",
                 f"--trainer.logger.init_args.save_dir={tmp}", "--trainer.max_steps=24", "--trainer.val_check_interval=16",
                 "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
                 "--trainer.enable_model_summary=false", "--model.optim.warmup_steps=2"])
@@ -226,7 +226,7 @@ def test_checkpoint_mid_ramp_restores_shape_and_masks(growth_run, docs_cache):
     ckpt = glob.glob(f"{tmp}/tiny/version_0/checkpoints/*step=16.ckpt")[0]
     saved = torch.load(ckpt, weights_only=True)
     assert saved["flm_growth"]["ramp"]["start_step"] == 12 and saved["hyper_parameters"]["arch"]["n_layers"] == 6
-    again = main(["validate", "-c", "conf/tiny.yaml", f"--data.cache_dir={docs_cache}", "--trainer.logger=false",
+    again = main(["validate", "-c", TINY, f"--data.cache_dir={docs_cache}", "--trainer.logger=false",
                   "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false", f"--ckpt_path={ckpt}"])
     logged = acc.Scalars("val/loss")[0]
     assert logged.step == 15
@@ -238,13 +238,13 @@ def test_bad_schedule_fails_before_training(docs_cache, tmp_path, capsys):
     bad = GROWTH_YAML.replace("at_step: 12", "at_step: 9")  # inside the first ramp (6 -> 12)
     (tmp_path / "bad.yaml").write_text(bad)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", "conf/tiny.yaml", "-c", str(tmp_path / "bad.yaml"), f"--data.cache_dir={docs_cache}",
+        main(["fit", "-c", TINY, "-c", str(tmp_path / "bad.yaml"), f"--data.cache_dir={docs_cache}",
               "--trainer.logger=false", "--trainer.max_steps=20"])
     assert exit_info.value.code == 2
     assert "starts during the ramp" in capsys.readouterr().err
     (tmp_path / "shrink.yaml").write_text(GROWTH_YAML.replace("hidden_size: 192, n_heads: 6", "hidden_size: 96, n_heads: 3"))
     with pytest.raises(SystemExit):
-        main(["fit", "-c", "conf/tiny.yaml", "-c", str(tmp_path / "shrink.yaml"), f"--data.cache_dir={docs_cache}",
+        main(["fit", "-c", TINY, "-c", str(tmp_path / "shrink.yaml"), f"--data.cache_dir={docs_cache}",
               "--trainer.logger=false", "--trainer.max_steps=20"])
     assert "GrowthCallback stage 0: growth cannot shrink" in capsys.readouterr().err
 
@@ -253,7 +253,7 @@ def test_offline_growth_tool(growth_run, docs_cache, tmp_path):
     _, _, tmp = growth_run
     src = glob.glob(f"{tmp}/tiny/version_0/checkpoints/*step=24.ckpt")[0]  # after both ramps
     target = tmp_path / "wider.yaml"
-    target.write_text(open("conf/tiny.yaml").read().replace("hidden_size: 128", "hidden_size: 256")
+    target.write_text(open(TINY).read().replace("hidden_size: 128", "hidden_size: 256")
                       .replace("n_heads: 4", "n_heads: 8").replace("n_layers: 4", "n_layers: 6")
                       + "\n")
     # The 24-step checkpoint has 192 wide 6 layers with ffn 512; the target: 256 wide, 8 heads.
@@ -266,7 +266,7 @@ def test_offline_growth_tool(growth_run, docs_cache, tmp_path):
         cli = main(["validate", "-c", cfg, f"--data.cache_dir={docs_cache}", "--trainer.logger=false",
                     "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false", f"--ckpt_path={path}"])
         return cli.trainer.callback_metrics["val/loss"].item()
-    assert val(str(target), tmp_path / "grown.ckpt") == pytest.approx(val("conf/tiny.yaml", src), abs=1e-5)
+    assert val(str(target), tmp_path / "grown.ckpt") == pytest.approx(val(TINY, src), abs=1e-5)
     grown = torch.load(tmp_path / "grown.ckpt", weights_only=True)
     assert grown["optimizer_states"][0]["state"][0]["exp_avg"].shape == (2048, 256)
     refused = subprocess.run([sys.executable, "-m", "flm_lightning", "grow", "--ckpt", src, "--config", "conf/tiny.yaml",

@@ -9,6 +9,7 @@ from typing import Optional
 
 import lightning as L
 import numpy as np
+import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Subset
 
@@ -152,7 +153,7 @@ class MixtureDataModule(L.LightningDataModule):
         dataset = MixtureDataset(parts, weights, caps, total, self.seed)
         sampler = ResumableSampler(self.consumed_samples, total, self.batch_size, rank, world)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          drop_last=True)
+                          drop_last=True, generator=self._generator())
 
     def val_dataloader(self) -> list[DataLoader]:
         sets = []
@@ -163,7 +164,13 @@ class MixtureDataModule(L.LightningDataModule):
             sets.append(self.teacher_val)
         if not sets:
             raise DataError("data: no validation data (prepare with --val-fraction > 0)")
-        return [DataLoader(s, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers) for s in sets]
+        return [DataLoader(s, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                           generator=self._generator()) for s in sets]
+
+    def _generator(self) -> torch.Generator:
+        # Its own generator: creating an iterator must not draw from the global RNG, or a resumed
+        # run's dropout masks would shift against the uninterrupted run's.
+        return torch.Generator().manual_seed(self.seed)
 
     # ---- checkpoint state ------------------------------------------------------------------------
     def state_dict(self) -> dict:

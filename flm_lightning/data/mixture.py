@@ -245,4 +245,6 @@ class ResumableSampler(Sampler[int]):
             yield from range(first, first + self.batch_size)
 
     def __len__(self) -> int:
-        return max(0, (self.total - self.start) // (self.batch_size * self.world)) * self.batch_size
+        # The whole stream, not what is left of it: after a resume Lightning counts the batches
+        # already done in this epoch, and the epoch must end where the uninterrupted one ends.
+        return self.total // (self.batch_size * self.world) * self.batch_size
