@@ -7,7 +7,8 @@ that could clash with another distribution. Configs name them
 """
 
 from flm_lightning.callbacks.growth import GrowthCallback, GrowthStage
+from flm_lightning.callbacks.guard import TrainingGuard
 from flm_lightning.callbacks.preemption import PreemptionCheckpoint
 from flm_lightning.callbacks.throughput import TokenThroughputMonitor
 
-__all__ = ["GrowthCallback", "GrowthStage", "PreemptionCheckpoint", "TokenThroughputMonitor"]
+__all__ = ["GrowthCallback", "GrowthStage", "PreemptionCheckpoint", "TokenThroughputMonitor", "TrainingGuard"]

@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from flm_lightning.checkpointing import check_checkpoint_file
 from flm_lightning.data import MixtureDataModule
-from flm_lightning.errors import EXIT_USAGE, USER_ERRORS
+from flm_lightning.errors import EXIT_HALTED, EXIT_USAGE, USER_ERRORS, TrainingHalted
 from flm_lightning.module import FLMLightningModule
 
 
@@ -77,6 +77,9 @@ def main(args: Optional[list[str]] = None) -> FLMCLI:
         own = user_error_in(e)
         print(f"error: {own if own else summarize_parser_error(str(e))}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    except TrainingHalted as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_HALTED)
     except Exception as e:
         own = user_error_in(e)
         if own is None:

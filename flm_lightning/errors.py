@@ -16,5 +16,10 @@ class CheckpointError(ValueError):
     """A checkpoint or model directory cannot be read or is not one this trainer understands."""
 
 
+class TrainingHalted(RuntimeError):
+    """Training stopped itself (e.g. repeated non-finite losses); the message names the saved state."""
+
+
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 EXIT_USAGE = 2
+EXIT_HALTED = 3

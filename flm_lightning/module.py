@@ -142,6 +142,7 @@ class FLMLightningModule(L.LightningModule):
             bsz, seq = batch["input_ids"].shape
             self.flops_per_batch = count_model(self.arch, seq_len=seq).flops_per_token * bsz * seq
         parts = self._loss(batch)
+        self.last_loss = parts.loss.detach()  # read by TrainingGuard before the optimizer step
         self.log("train/loss", parts.loss, prog_bar=True)
         self.log("train/ppl", torch.exp(parts.loss.detach()))
         if parts.lm_tokens > 0:

@@ -137,7 +137,9 @@ def test_bad_inputs_exit_2(tmp_path, tokenizer_text):
     # Pickled weights are refused.
     pickled = tmp_path / "pickled"
     pickled.mkdir()
-    (pickled / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (pickled / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 32,
+                                                     "intermediate_size": 64, "num_hidden_layers": 2,
+                                                     "num_attention_heads": 4}))
     (pickled / "pytorch_model.bin").write_bytes(b"\x80")
     out = _cli("import-hf", "--model", str(pickled), "--out", str(tmp_path / "p.ckpt"))
     assert out.returncode == 2 and "safetensors" in out.stderr

@@ -216,17 +216,19 @@ def import_hf(model_dir: str, out: str, force: bool = False) -> ModelConfig:
     out_path = Path(out)
     if out_path.exists() and not force:
         raise ConfigError(f"--out {out_path} exists; choose another path or pass --force")
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON ({e.msg})") from None
     model_type = config.get("model_type")
-    tensors = _load_safetensors(src)
-    if model_type == "llama":
-        arch = _llama_arch(config)
-        weights = from_llama_names(tensors)
-    elif model_type == "flm":
-        arch = _flm_arch(config)
-        weights = tensors
-    else:
+    if model_type not in ("llama", "flm"):
         raise CheckpointError(f"{config_file}: model_type {model_type!r} is not supported (llama or flm)")
+    try:  # the config first: unsupported features are reported before any weight is read
+        arch = _llama_arch(config) if model_type == "llama" else _flm_arch(config)
+    except KeyError as e:
+        raise CheckpointError(f"{config_file} lacks the field {e.args[0]!r}") from None
+    tensors = _load_safetensors(src)
+    weights = from_llama_names(tensors) if model_type == "llama" else tensors
     padded = arch.padded_vocab_size
     for name in ("tok_embeddings.weight", "output.weight"):
         if name in weights and weights[name].shape[0] < padded:
@@ -255,7 +257,10 @@ def _load_safetensors(src: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{src} has no model.safetensors (pickled .bin weights are refused: they can run code)")
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
-        tensors.update(load_file(src / shard))
+        try:
+            tensors.update(load_file(src / shard))
+        except Exception as e:  # the library raises its own error type for a damaged file
+            raise CheckpointError(f"{src / shard} is not a readable safetensors file ({e})") from None
     return {k: v.float() for k, v in tensors.items()}
 
 
