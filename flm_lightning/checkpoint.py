@@ -1,20 +1,122 @@
-"""Reading and writing the trainer's checkpoints outside Lightning (tools, exports, imports).
+"""The trainer's checkpoint files: crash-safe writing (a Lightning `CheckpointIO` plugin) and
+reading them outside Lightning (tools, exports, imports).
 
 Checkpoints are Lightning `.ckpt` files holding plain containers and tensors only, so they
 load with `torch.load(weights_only=True)`: nothing in a checkpoint is executed.
+
+    trainer:
+      plugins:
+        - class_path: flm_lightning.checkpoint.AtomicCheckpointIO
+
+- Atomic: the checkpoint is written to a temporary name in the same folder, flushed to disk
+  and renamed over the target, so a process killed while saving leaves the previous file whole.
+- Checksummed: a sidecar `NAME.sha256` records the sha256, size and mtime of the file; loading
+  verifies it and reports a corrupted file by name together with the other checkpoints
+  beside it. (A sidecar older than its file, from a kill between the two renames, is ignored.)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from flm_lightning.errors import CheckpointError, ConfigError
 from flm_lightning.model import FLMTransformer, ModelConfig
 
+SIDECAR = ".sha256"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, writer) -> None:
+    """Write through `writer(file)` to a temporary name beside `path`, fsync, then rename over it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        writer(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def verify(path: Path) -> None:
+    """Raise CheckpointError if `path` does not match its sidecar checksum."""
+    sidecar = path.with_name(path.name + SIDECAR)
+    if not sidecar.is_file():
+        return
+    try:
+        record = json.loads(sidecar.read_text())
+    except json.JSONDecodeError:
+        return
+    stat = path.stat()
+    if record.get("size") != stat.st_size or record.get("mtime_ns") != stat.st_mtime_ns:
+        if record.get("size") != stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns:
+            raise CheckpointError(f"checkpoint {path} is truncated ({stat.st_size} of {record['size']} bytes)")
+        return  # the sidecar belongs to an older version of the file
+    if _sha256(path) != record.get("sha256"):
+        raise CheckpointError(f"checkpoint {path} is corrupted (checksum mismatch){_others(path)}")
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """Before anything unpickles it: the sidecar checksum if there is one, else the zip container's
+    own CRCs (torch.save writes a zip archive). Raises CheckpointError naming the file."""
+    sidecar = path.with_name(path.name + SIDECAR)
+    if sidecar.is_file():
+        verify(path)
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({e}){_others(path)}") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupted (bad member {bad}){_others(path)}")
+
+
+def _others(path: Path) -> str:
+    others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path)
+    return f"; other checkpoints in {path.parent}: {', '.join(others)}" if others else ""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda f: torch.save(checkpoint, f))
+        stat = path.stat()
+        record = {"sha256": _sha256(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        write_atomic(path.with_name(path.name + SIDECAR), lambda f: f.write(json.dumps(record).encode()))
+
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist{_others(path)}")
+        verify(path)
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} cannot be read ({str(e).splitlines()[0]}){_others(path)}") from None
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        sidecar = Path(str(path) + SIDECAR)
+        if sidecar.exists():
+            sidecar.unlink()
+
+
+# ---- reading outside Lightning ----------------------------------------------------------------
 MODEL_PREFIX = "model."
 DATAMODULE_KEY = "TextDataModule"
 
@@ -23,6 +125,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    verify(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torn file, not a torch file, or pickled code objects
@@ -77,6 +180,4 @@ def save_weights_checkpoint(
         ckpt[DATAMODULE_KEY] = {"tokenizer_json": tokenizer}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(ckpt, f))

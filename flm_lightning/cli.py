@@ -15,7 +15,7 @@ from pathlib import Path
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
-from flm_lightning.checkpointing import check_checkpoint_file
+from flm_lightning.checkpoint import check_checkpoint_file
 from flm_lightning.data import MixtureDataModule
 from flm_lightning.errors import EXIT_HALTED, EXIT_USAGE, USER_ERRORS, TrainingHalted
 from flm_lightning.module import FLMLightningModule

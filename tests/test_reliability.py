@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from flm_lightning.checkpointing import AtomicCheckpointIO, verify
+from flm_lightning.checkpoint import AtomicCheckpointIO, verify
 from flm_lightning.cli import main
 from flm_lightning.errors import CheckpointError
 from tests.conftest import TINY
@@ -37,7 +37,7 @@ trainer:
   enable_progress_bar: false
   enable_model_summary: false
   plugins:
-    - class_path: flm_lightning.checkpointing.AtomicCheckpointIO
+    - class_path: flm_lightning.checkpoint.AtomicCheckpointIO
   logger:
     class_path: lightning.pytorch.loggers.TensorBoardLogger
     init_args: {{save_dir: {tmp}, name: {name}}}

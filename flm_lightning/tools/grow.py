@@ -9,12 +9,12 @@ full training checkpoint (weights, AdamW state, LR schedule, step, masks) that
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
 
 from flm_lightning.checkpoint import MODEL_PREFIX, arch_from_checkpoint, load_checkpoint, model_weights
+from flm_lightning.checkpoint import write_atomic
 from flm_lightning.errors import ConfigError
 from flm_lightning.growth import transfer_adam_state
 from flm_lightning.module import FLMLightningModule
@@ -64,9 +64,7 @@ def run(args: argparse.Namespace) -> None:
         ckpt["optimizer_states"] = [new_opt.state_dict()]
     module.on_save_checkpoint(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out)
+    write_atomic(out, lambda f: torch.save(ckpt, f))
     print(f"grew {sum(p.numel() for p in old_model.parameters()):,} -> {sum(p.numel() for p in module.model.parameters()):,} "
           f"parameters at step {step}; continue with: python main.py fit -c {args.config} --ckpt_path {out}")
 
