@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from typing import Any, Optional
 
 import lightning as L
@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from flm_lightning.checkpoint import arch_from_checkpoint, load_checkpoint, model_weights
 from flm_lightning.errors import ConfigError, DataError
 from flm_lightning.model import FLMTransformer, ModelConfig, count_model
+from flm_lightning.mup import MuP, MuPConfig
 from flm_lightning.objective import LossParts, freelm_loss
 from flm_lightning.growth import GrowthMasks, MaskPlan, grow, mask_value, transfer_adam_state
 from flm_lightning.optim import LR_POLICIES, OptimConfig, build_adamw, build_scheduler
@@ -68,17 +69,32 @@ class FLMLightningModule(L.LightningModule):
         optim: AdamW and learning-rate schedule (see `OptimConfig`).
         init_from: start from the weights of this checkpoint (e.g. from `import-hf` or another
             run) with a fresh optimizer and schedule; unlike `--ckpt_path`, nothing else resumes.
+        mup: μP parametrization (initialisation and per-role learning rates; see `flm_lightning.mup`).
     """
 
     def __init__(
-        self, arch: Optional[ModelConfig] = None, optim: Optional[OptimConfig] = None, init_from: Optional[str] = None
+        self,
+        arch: Optional[ModelConfig] = None,
+        optim: Optional[OptimConfig] = None,
+        init_from: Optional[str] = None,
+        mup: Optional[MuPConfig] = None,
     ):
         super().__init__()
         self.arch: ModelConfig = _as_config(arch or ModelConfig(), ModelConfig)
         self.optim_cfg: OptimConfig = _as_config(optim or OptimConfig(), OptimConfig)
-        # Plain containers only, so checkpoints load with weights_only=True.
+        self.mup_cfg: Optional[MuPConfig] = _as_config(mup, MuPConfig) if mup is not None else None
+        if self.mup_cfg is not None and self.arch.base_hidden_size is None:
+            self.arch = replace(self.arch, base_hidden_size=self.mup_cfg.base_hidden_size)
+        if self.mup_cfg is not None:
+            MuP(self.mup_cfg, self.arch, self.optim_cfg.lr)  # a bad pairing fails now, before any state exists
         self.init_from = init_from
-        self.save_hyperparameters({"arch": self.arch.to_dict(), "optim": self.optim_cfg.to_dict(), "init_from": init_from})
+        # Plain containers only, so checkpoints load with weights_only=True.
+        self.save_hyperparameters({
+            "arch": self.arch.to_dict(),
+            "optim": self.optim_cfg.to_dict(),
+            "init_from": init_from,
+            "mup": asdict(self.mup_cfg) if self.mup_cfg is not None else None,
+        })
         self.model: Optional[FLMTransformer] = None
         self.flops_per_batch: Optional[int] = None
         # Growth state (saved in checkpoints): LR events, the ramp in progress, the history.
@@ -113,9 +129,16 @@ class FLMLightningModule(L.LightningModule):
             if name not in self.val_domain_loss:
                 self.val_domain_loss[name] = MeanMetric().to(self.device)
 
+    @property
+    def mup(self) -> Optional[MuP]:
+        """The μP rules for the current (possibly grown) architecture."""
+        return MuP(self.mup_cfg, self.arch, self.optim_cfg.lr) if self.mup_cfg is not None else None
+
     def configure_model(self) -> None:
         if self.model is None:
             self.model = FLMTransformer(self.arch)
+            if self.mup is not None:
+                self.mup.initialize(self.model)
             if self.init_from:
                 self._load_initial_weights(self.init_from)
 
@@ -200,8 +223,13 @@ class FLMLightningModule(L.LightningModule):
             # Before clipping (Lightning clips after this hook): the norm a spike detector wants.
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
+    def build_optimizer(self) -> torch.optim.AdamW:
+        """AdamW for the current network: μP groups (LR per role) when μP is on."""
+        groups = self.mup.param_groups(self.model, self.optim_cfg.weight_decay) if self.mup is not None else None
+        return build_adamw(self.model, self.optim_cfg, groups)
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_adamw(self.model, self.optim_cfg)
+        optimizer = self.build_optimizer()
         total = self.optim_cfg.decay_steps or self._total_steps()
         scheduler = build_scheduler(optimizer, self.optim_cfg, total, self.lr_events, start_step=self.global_step)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -225,7 +253,9 @@ class FLMLightningModule(L.LightningModule):
         if lr_policy not in LR_POLICIES:
             raise ConfigError(f"lr_policy must be one of {list(LR_POLICIES)}, got {lr_policy!r}")
         old_model, old_arch = self.model, self.arch
-        grown, origin, sources, plan = grow(old_model, target, mode=mode, init=init, order=order, seed=seed)
+        initialize = MuP(self.mup_cfg, target, self.optim_cfg.lr).initialize if self.mup_cfg is not None else None
+        grown, origin, sources, plan = grow(old_model, target, mode=mode, init=init, order=order, seed=seed,
+                                            initialize=initialize)
         self.model, self.arch = grown, target
         self.flops_per_batch = None
         self._masks = GrowthMasks(grown, plan, m=0.0)

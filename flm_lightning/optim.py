@@ -70,10 +70,10 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
     ]
 
 
-def build_adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        param_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
-    )
+def build_adamw(model: nn.Module, cfg: OptimConfig, groups: Optional[list[dict]] = None) -> torch.optim.AdamW:
+    """AdamW over `groups` (default: decay on matrices, none on vectors, all at cfg.lr)."""
+    groups = groups if groups is not None else param_groups(model.named_parameters(), cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 LR_POLICIES = ("continue", "rewarmup", "peak")
@@ -118,8 +118,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
 
     start_step > 0 positions a scheduler built mid-run (after a growth event) at that step.
     """
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", cfg.lr)
+    for group in optimizer.param_groups:  # each group keeps its own base LR (μP: lr / r for matrices)
+        group.setdefault("initial_lr", group["lr"])
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_at(step, cfg, total_steps, events) / cfg.lr, last_epoch=start_step - 1
     )

@@ -107,11 +107,12 @@ def _copy_leading(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 @torch.no_grad()
 def grow_model(model: FLMTransformer, new_config: ModelConfig, sources: list[LayerSource],
-               seed: int = 0) -> tuple[FLMTransformer, dict[str, Optional[str]]]:
+               seed: int = 0, initialize=None) -> tuple[FLMTransformer, dict[str, Optional[str]]]:
     """The grown network and, for every new parameter name, the old parameter it came from (or None).
 
-    New slices and "random" layers keep the initialisation of `FLMTransformer(new_config)`
-    (seeded by `seed`); old values overwrite the leading blocks.
+    New slices and "random" layers keep the initialisation of `FLMTransformer(new_config)`, or
+    of `initialize(model)` when given (the μP init), seeded by `seed`; old values overwrite the
+    leading blocks.
     """
     old_config = model.config
     check_growth(old_config, new_config)
@@ -121,6 +122,8 @@ def grow_model(model: FLMTransformer, new_config: ModelConfig, sources: list[Lay
         torch.manual_seed(seed)
         with torch.device(device):
             grown = FLMTransformer(new_config)
+        if initialize is not None:
+            initialize(grown)
     old_params = dict(model.named_parameters())
     origin: dict[str, Optional[str]] = {}
     for name, param in grown.named_parameters():
@@ -265,11 +268,11 @@ def rescale_head_for_width(grown: FLMTransformer, old: ModelConfig, new: ModelCo
 
 
 def grow(model: FLMTransformer, new_config: ModelConfig, mode: str = "stack", init: str = "copy",
-         order: Optional[list[LayerSource]] = None, seed: int = 0):
+         order: Optional[list[LayerSource]] = None, seed: int = 0, initialize=None):
     """One growth event: (grown model, parameter origins, layer sources, mask plan). Masks not yet installed."""
     old = model.config
     check_growth(old, new_config)
     sources = layer_order(old.n_layers, new_config.n_layers, mode, init, order)
-    grown, origin = grow_model(model, new_config, sources, seed)
+    grown, origin = grow_model(model, new_config, sources, seed, initialize)
     rescale_head_for_width(grown, old, new_config)
     return grown, origin, sources, MaskPlan.between(old, new_config, sources)

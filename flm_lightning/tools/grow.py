@@ -18,7 +18,7 @@ from flm_lightning.checkpoint import write_atomic
 from flm_lightning.errors import ConfigError
 from flm_lightning.growth import transfer_adam_state
 from flm_lightning.module import FLMLightningModule
-from flm_lightning.optim import LR_POLICIES, OptimConfig, build_adamw
+from flm_lightning.optim import LR_POLICIES, OptimConfig
 from flm_lightning.tools.configs import model_config_from_yaml
 
 
@@ -44,11 +44,11 @@ def run(args: argparse.Namespace) -> None:
     arch = arch_from_checkpoint(ckpt, args.ckpt)
     target, _ = model_config_from_yaml(args.config)
     optim_cfg = OptimConfig(**(ckpt["hyper_parameters"].get("optim") or {}))
-    module = FLMLightningModule(arch=arch, optim=optim_cfg)
+    module = FLMLightningModule(arch=arch, optim=optim_cfg, mup=ckpt["hyper_parameters"].get("mup"))
     module.configure_model()
     module.on_load_checkpoint(ckpt)  # growth state of earlier stages, masks of a ramp in progress
     module.model.load_state_dict(model_weights(ckpt))
-    old_opt = build_adamw(module.model, optim_cfg)
+    old_opt = module.build_optimizer()
     if ckpt.get("optimizer_states"):
         old_opt.load_state_dict(ckpt["optimizer_states"][0])
     step = int(ckpt.get("global_step", 0))
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
         target, mode=args.depth_mode, init=args.depth_init, ramp_steps=args.ramp_steps, lr_policy=args.lr_policy,
         rewarmup_steps=args.rewarmup_steps, optimizer_step=args.optimizer_step, seed=args.seed, step=step,
     )
-    new_opt = build_adamw(module.model, optim_cfg)
+    new_opt = module.build_optimizer()
     transfer_adam_state(old_opt, old_model, new_opt, module.model, origin, args.optimizer_step)
     others = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(MODEL_PREFIX)}
     ckpt["state_dict"] = {**others, **{MODEL_PREFIX + k: v for k, v in module.model.state_dict().items()}}
@@ -67,5 +67,4 @@ def run(args: argparse.Namespace) -> None:
     write_atomic(out, lambda f: torch.save(ckpt, f))
     print(f"grew {sum(p.numel() for p in old_model.parameters()):,} -> {sum(p.numel() for p in module.model.parameters()):,} "
           f"parameters at step {step}; continue with: python main.py fit -c {args.config} --ckpt_path {out}")
-
 
