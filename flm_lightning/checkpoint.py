@@ -100,14 +100,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_atomic(path.with_name(path.name + SIDECAR), lambda f: f.write(json.dumps(record).encode()))
 
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist{_others(path)}")
-        verify(path)
-        try:
-            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"checkpoint {path} cannot be read ({str(e).splitlines()[0]}){_others(path)}") from None
+        return read_checkpoint(Path(path), map_location)
 
     def remove_checkpoint(self, path) -> None:
         super().remove_checkpoint(path)
@@ -121,15 +114,21 @@ MODEL_PREFIX = "model."
 DATAMODULE_KEY = "TextDataModule"
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+def read_checkpoint(path: Path, map_location: Optional[Any] = None) -> dict[str, Any]:
+    """Checksum-verified, weights-only load; every failure is a CheckpointError naming the file."""
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist{_others(path)}")
     verify(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
     except Exception as e:  # torn file, not a torch file, or pickled code objects
-        raise CheckpointError(f"checkpoint {path} cannot be read safely: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read ({str(e).splitlines()[0]}){_others(path)}") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint of this trainer (it must hold a state_dict), for tools outside Lightning."""
+    path = Path(path)
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"checkpoint {path} has no state_dict: not a checkpoint of this trainer")
     return ckpt

@@ -87,7 +87,7 @@ class MixtureDataModule(L.LightningDataModule):
         self.corpora = [PreparedCorpus(s.path) for s in self.sources]
         first = self.corpora[0]
         for corpus in self.corpora[1:]:
-            corpus.check_compatible(tokenizer_sha256=first.tokenizer_sha256)
+            corpus.check_same_tokenizer(first.tokenizer_sha256)
         self.tokenizer = Tokenizer.from_file(str(first.path / "tokenizer.json"))
         self.eod = int(first.manifest["eod_id"])
         self.names = [s.name or c.domain for s, c in zip(self.sources, self.corpora)]

@@ -216,9 +216,6 @@ class MixtureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def counts(self, upto: Optional[int] = None) -> np.ndarray:
-        return np.bincount(self.source[:upto], minlength=len(self.parts))
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         s, k = int(self.source[index]), int(self.rank[index])
         part = self.parts[s]

@@ -18,8 +18,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-
 import numpy as np
 
 from flm_lightning.errors import DataError
@@ -131,13 +129,8 @@ class PreparedCorpus:
             shards.append(Shard(np.memmap(bin_path, dtype=self.dtype, mode="r"), ends))
         return shards
 
-    def check_compatible(self, vocab_size: Optional[int] = None, tokenizer_sha256: Optional[str] = None) -> None:
-        if vocab_size is not None and self.max_token_id >= vocab_size:
-            raise DataError(
-                f"{self.path}: token ids go up to {self.max_token_id}, beyond the model's vocabulary "
-                f"({vocab_size}); raise model.arch.vocab_size or prepare with the model's tokenizer"
-            )
-        if tokenizer_sha256 is not None and tokenizer_sha256 != self.tokenizer_sha256:
+    def check_same_tokenizer(self, tokenizer_sha256: str) -> None:
+        if tokenizer_sha256 != self.tokenizer_sha256:
             raise DataError(f"{self.path}: prepared with a different tokenizer than the other sources / the one configured")
 
 

@@ -109,13 +109,12 @@ def _copy_leading(dst: torch.Tensor, src: torch.Tensor) -> None:
 def grow_model(model: FLMTransformer, new_config: ModelConfig, sources: list[LayerSource],
                seed: int = 0, initialize=None) -> tuple[FLMTransformer, dict[str, Optional[str]]]:
     """The grown network and, for every new parameter name, the old parameter it came from (or None).
+    The caller (`grow`) has checked that `new_config` is a growth of `model.config`.
 
     New slices and "random" layers keep the initialisation of `FLMTransformer(new_config)`, or
     of `initialize(model)` when given (the μP init), seeded by `seed`; old values overwrite the
     leading blocks.
     """
-    old_config = model.config
-    check_growth(old_config, new_config)
     devices = {p.device for p in model.parameters()}
     device = devices.pop() if len(devices) == 1 else torch.device("cpu")
     with torch.random.fork_rng(devices=[]):
