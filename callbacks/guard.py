@@ -91,7 +91,7 @@ class TrainingGuard(Callback):
         if step in self.inject_spike:
             for g in grads:
                 g.mul_(1e4)
-        norm = float(torch.nn.utils.get_total_norm(grads))
+        norm = float(pl_module.grad_norm())  # over every shard and stage under the parallel strategy
         loss = float(getattr(pl_module, "last_loss", 0.0))
         if not (math.isfinite(norm) and math.isfinite(loss)):
             self._drop_update(pl_module)

@@ -25,6 +25,8 @@ from flm_lightning.mup import MuP, MuPConfig
 from flm_lightning.objective import LossParts, freelm_loss
 from flm_lightning.growth import GrowthMasks, MaskPlan, grow, mask_value, transfer_adam_state
 from flm_lightning.optim import LR_POLICIES, OptimConfig, build_adamw, build_scheduler
+from flm_lightning.parallel.runtime import ParallelRuntime
+from flm_lightning.parallel.strategy import FLMParallelStrategy
 
 
 def rng_state() -> dict[str, Any]:
@@ -96,6 +98,7 @@ class FLMLightningModule(L.LightningModule):
             "mup": asdict(self.mup_cfg) if self.mup_cfg is not None else None,
         })
         self.model: Optional[FLMTransformer] = None
+        self.parallel: Optional[ParallelRuntime] = None  # set under FLMParallelStrategy
         self.flops_per_batch: Optional[int] = None
         # Growth state (saved in checkpoints): LR events, the ramp in progress, the history.
         self.lr_events: list[dict] = []
@@ -141,6 +144,10 @@ class FLMLightningModule(L.LightningModule):
                 self.mup.initialize(self.model)
             if self.init_from:
                 self._load_initial_weights(self.init_from)
+            strategy = self.trainer.strategy if self._trainer is not None else None
+            if isinstance(strategy, FLMParallelStrategy):
+                # Every rank built the same full model (same seed); now split, shard and wrap it.
+                self.parallel = strategy.parallelize(self.model)
 
     def _load_initial_weights(self, path: str) -> None:
         ckpt = load_checkpoint(path)
@@ -164,29 +171,55 @@ class FLMLightningModule(L.LightningModule):
         if self.flops_per_batch is None:
             bsz, seq = batch["input_ids"].shape
             self.flops_per_batch = count_model(self.arch, seq_len=seq).flops_per_token * bsz * seq
+        if self.parallel is not None:
+            return self._parallel_training_step(batch)
         parts = self._loss(batch)
-        self.last_loss = parts.loss.detach()  # read by TrainingGuard before the optimizer step
-        self.log("train/loss", parts.loss, prog_bar=True)
-        self.log("train/ppl", torch.exp(parts.loss.detach()))
+        self._log_train(parts.loss.detach(), parts)
+        return parts.loss
+
+    def _parallel_training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Manual optimisation under FLMParallelStrategy: the same update as the automatic path."""
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad(set_to_none=True)
+        result = self.parallel.train_step(batch, self.manual_backward)
+        self._log_train(result.loss, result.parts)
+        optimizer.step()  # runs on_before_optimizer_step: the guard, then norm logging and clipping
+        scheduler.step()
+        return result.loss
+
+    def _log_train(self, loss: torch.Tensor, parts: Optional[LossParts]) -> None:
+        self.last_loss = loss.detach()  # read by TrainingGuard before the optimizer step
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach()))
+        if parts is None:
+            return
         if parts.lm_tokens > 0:
             self.log("train/lm_loss", parts.lm_loss)
         if parts.teacher_preds is not None:
             self.log("train/teacher_loss", parts.teacher_loss)
             self.train_teacher_acc(parts.teacher_preds, parts.teacher_targets)
             self.log("train/teacher_acc", self.train_teacher_acc)
-        return parts.loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        parts = self._loss(batch)
+        if self.parallel is not None:
+            loss_sum, tokens, parts = self.parallel.eval_step(batch)
+            if parts is None:  # pipeline: only the language-model loss leaves the last stage
+                self._update_val_lm(loss_sum / tokens.clamp(min=1), tokens, dataloader_idx)
+                return
+        else:
+            parts = self._loss(batch)
         if parts.teacher_preds is not None:
             self.val_teacher_loss.update(parts.teacher_loss, weight=parts.teacher_tokens)
             self.val_teacher_acc.update(parts.teacher_preds, parts.teacher_targets)
         if parts.lm_tokens > 0:
-            # Token-weighted means: an epoch value is the loss over all validation tokens.
-            self.val_loss.update(parts.lm_loss, weight=parts.lm_tokens)
-            self.val_lm_loss.update(parts.lm_loss, weight=parts.lm_tokens)
-            if self._val_domains:
-                self.val_domain_loss[self._val_domains[dataloader_idx][0]].update(parts.lm_loss, weight=parts.lm_tokens)
+            self._update_val_lm(parts.lm_loss, parts.lm_tokens, dataloader_idx)
+
+    def _update_val_lm(self, loss: torch.Tensor, tokens: torch.Tensor, dataloader_idx: int) -> None:
+        # Token-weighted means: an epoch value is the loss over all validation tokens.
+        self.val_loss.update(loss, weight=tokens)
+        self.val_lm_loss.update(loss, weight=tokens)
+        if self._val_domains:
+            self.val_domain_loss[self._val_domains[dataloader_idx][0]].update(loss, weight=tokens)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_loss.update_count:
@@ -217,11 +250,26 @@ class FLMLightningModule(L.LightningModule):
                 step=self.global_step,
             )
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def grad_norm(self) -> Optional[torch.Tensor]:
+        """L2 norm of all gradients (over every shard and stage under the parallel strategy); None without any."""
+        if self.parallel is not None:
+            return self.parallel.grad_norm(self.parameters())
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            # Before clipping (Lightning clips after this hook): the norm a spike detector wants.
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        return torch.nn.utils.get_total_norm(grads) if grads else None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not any(p.grad is not None for p in self.parameters()):
+            return  # e.g. the guard dropped this update
+        norm = self.grad_norm()
+        # Before clipping (Lightning clips after this hook): the norm a spike detector wants.
+        self.log("train/grad_norm", norm)
+        clip = self.trainer.gradient_clip_val
+        if not self.automatic_optimization and clip and float(norm) > clip:
+            # Manual optimisation: Lightning does not clip, so trainer.gradient_clip_val is applied here.
+            coef = clip / (float(norm) + 1e-6)
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
 
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW for the current network: μP groups (LR per role) when μP is on."""
@@ -243,6 +291,9 @@ class FLMLightningModule(L.LightningModule):
         Inside `fit` the optimizer is rebuilt and its AdamW state carried over here; without a
         trainer (offline growth) the caller does that with the returned (old model, origins).
         """
+        if self.parallel is not None:
+            raise ConfigError("growth under FLMParallelStrategy is not supported yet: grow offline between stages "
+                              "(python -m flm_lightning grow on a consolidated checkpoint)")
         step = self.global_step if step is None else step
         self.advance_growth_ramp(step)  # a ramp that ends exactly now is folded first
         if self.growth_ramp is not None:

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 
 @dataclass
@@ -44,8 +45,15 @@ class LossParts:
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy [B, T] in fp32."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
+    """Per-token cross-entropy [B, T] in fp32.
+
+    Vocabulary-sharded logits (a DTensor, inside `loss_parallel()`) give a replicated result that
+    is returned as a plain tensor, so masks and sums stay ordinary tensor code.
+    """
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+    if isinstance(ce, DTensor):
+        ce = ce.to_local()
+    return ce.view_as(labels)
 
 
 def freelm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> LossParts:
@@ -62,7 +70,8 @@ def freelm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> LossPar
     preds = targets = None
     if bool(is_teacher.any()):
         sel = teacher_mask.bool()
-        preds = logits.detach()[sel].argmax(dim=-1)
+        full = logits.detach().full_tensor() if isinstance(logits, DTensor) else logits.detach()
+        preds = full[sel].argmax(dim=-1)
         targets = labels[sel]
     return LossParts(
         loss=ce.sum() / tokens.clamp(min=1),

@@ -131,7 +131,10 @@ class MixtureDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return 0, 1, 1
-        return trainer.global_rank, trainer.world_size, trainer.accumulate_grad_batches
+        # Data-parallel rank and size: tensor and pipeline peers read the same samples.
+        shard = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        return shard.get("rank", trainer.global_rank), shard.get("num_replicas", trainer.world_size), \
+            trainer.accumulate_grad_batches
 
     def global_batch(self) -> int:
         _, world, accumulate = self._world()

@@ -78,6 +78,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, tables: PositionTables) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k (fp32 math, result in the input dtype); xPos scales q up and k down."""
     cos, sin, scale = tables
+    seq = q.shape[2]  # tables may cover more positions (see FLMTransformer.forward); use the first seq
+    cos, sin, scale = cos[..., :seq, :], sin[..., :seq, :], scale[..., :seq, :] if scale is not None else None
     qf, kf = q.float(), k.float()
     q_out = qf * cos + rotate_half(qf) * sin
     k_out = kf * cos + rotate_half(kf) * sin

@@ -70,8 +70,10 @@ class FLMTransformer(nn.Module):
         else:
             h = tokens
         if position_ids is None:
+            # Every position from the first new one on: attention takes as many as its queries. Under
+            # sequence parallelism h holds a slice of the sequence, so its length is not the query count.
             start = next(iter(kv_cache.values())).length if kv_cache else 0
-            position_ids = torch.arange(start, start + h.shape[1], device=h.device)
+            position_ids = torch.arange(start, max(self.config.max_seq_len, start + h.shape[1]), device=h.device)
         tables = self.rotary(position_ids)
         for name, layer in self.layers.items():
             h = layer(h, tables, attention_mask, kv_cache[name] if kv_cache is not None else None)

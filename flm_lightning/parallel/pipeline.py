@@ -1,0 +1,81 @@
+"""Pipeline parallelism: split the decoder into stages by layer and run a `torch.distributed.pipelining`
+schedule over them.
+
+Each rank keeps ONE pruned `FLMTransformer` (`prune_model`) that holds the layers of all its
+stages under their original names, so parameter names, state dicts and checkpoints are the same
+as the unsplit model's whatever the layout. The schedule runs thin `StageModule`s that share
+those very modules.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from flm_lightning.errors import ConfigError
+from flm_lightning.model import FLMTransformer
+from flm_lightning.parallel.dims import stage_layers
+
+
+def rank_stages(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
+    """Stage ids run by `pp_rank`: looped placement (rank r runs r, r + pp, ...), as Interleaved1F1B expects."""
+    return [pp_rank + k * pp for k in range(stages_per_rank)]
+
+
+class StageModule(FLMTransformer):
+    """One pipeline stage: a view over the pruned model's modules (no parameters of its own)."""
+
+    def __init__(self, model: FLMTransformer, layer_names: list[str], first: bool, last: bool):
+        nn.Module.__init__(self)
+        self.config = model.config
+        self.tok_embeddings = model.tok_embeddings if first else None
+        self.rotary = model.rotary
+        self.layers = nn.ModuleDict({name: model.layers[name] for name in layer_names})
+        self.norm = model.norm if last else None
+        self.output = model.output if last else None
+
+
+def prune_model(model: FLMTransformer, stage_ids: list[int], layer_names: list[list[str]]) -> None:
+    """Drop from `model` (in place) every layer, embedding and head that none of `stage_ids` runs."""
+    keep = {name for s in stage_ids for name in layer_names[s]}
+    for name in list(model.layers):
+        if name not in keep:
+            del model.layers[name]
+    if 0 not in stage_ids:
+        model.tok_embeddings = None
+    if len(layer_names) - 1 not in stage_ids:
+        model.norm, model.output = None, None
+
+
+def split_for_rank(model: FLMTransformer, pp_rank: int, pp: int, stages_per_rank: int = 1,
+                   layout: Optional[list[int]] = None) -> tuple[list[int], list[StageModule]]:
+    """Prune `model` to this rank's stages and return (stage ids, stage modules)."""
+    if model.config.tie_embeddings and pp > 1:
+        raise ConfigError(
+            "pipeline parallelism with tied embeddings (model.arch.tie_embeddings: true) is not supported: the "
+            "embedding and the head would live on different stages; untie them or use pipeline_parallel_size: 1"
+        )
+    n_stages = pp * stages_per_rank
+    names = stage_layers(model.config.n_layers, n_stages, layout)
+    ids = rank_stages(pp_rank, pp, stages_per_rank)
+    prune_model(model, ids, names)
+    stages = [StageModule(model, names[s], first=s == 0, last=s == n_stages - 1) for s in ids]
+    return ids, stages
+
+
+def build_schedule(stages: list[StageModule], stage_ids: list[int], n_stages: int, pp_mesh: DeviceMesh,
+                   device: torch.device, schedule: str, micro_batches: int,
+                   loss_fn: Optional[Callable]) -> object:
+    """A torch.distributed.pipelining schedule over this rank's stages (None loss_fn: forward only)."""
+    group = pp_mesh.get_group()
+    pipeline_stages = [PipelineStage(m, s, n_stages, device, group=group) for m, s in zip(stages, stage_ids)]
+    # scale_grads=False: the loss function already normalises by the global batch's token count.
+    kwargs = dict(n_microbatches=micro_batches, loss_fn=loss_fn, scale_grads=False)
+    if schedule == "interleaved1f1b":
+        return ScheduleInterleaved1F1B(pipeline_stages, **kwargs)
+    cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+    return cls(pipeline_stages[0], **kwargs)

@@ -1,0 +1,183 @@
+"""`FLMParallelStrategy`: Lightning's ModelParallelStrategy with a (pp, dp, tp) mesh.
+
+The strategy owns the layout (sizes from YAML, checked before any collective), builds the
+mesh, parallelises the module's plain model (`parallelize`) when the module's `configure_model`
+asks for it, and checkpoints with torch.distributed.checkpoint under layout-independent names,
+so a run saved at one layout resumes at another.
+
+Training under it uses manual optimisation (the pipeline schedule runs forward and backward
+itself); `trainer.gradient_clip_val` keeps its meaning and is applied by the module.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+
+from flm_lightning.errors import CheckpointError, ConfigError
+from flm_lightning.model import FLMTransformer, ModelConfig
+from flm_lightning.parallel.dims import MESH_DIMS, ParallelDims, check_layout
+from flm_lightning.parallel.parallelize import DTYPES, apply_fsdp, apply_tensor_parallel
+from flm_lightning.parallel.pipeline import build_schedule, split_for_rank
+from flm_lightning.parallel.runtime import ParallelRuntime
+
+METADATA = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
+# Optimizer state keyed by parameter name: pipeline stages own different parameters, and the
+# nested format's per-group lists collide across stages in DCP (KeyError 'betas' on resume).
+OPTIMIZER_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, cpu_offload=True)
+
+
+class FLMParallelStrategy(ModelParallelStrategy):
+    """3D parallelism: FSDP2 over dp, tensor + sequence parallel over tp, pipeline over pp.
+
+    Args:
+        tensor_parallel_size: tp degree (divides heads, ffn width, padded vocabulary, sequence).
+        pipeline_parallel_size: number of pipeline ranks.
+        data_parallel_size: dp degree; default: world size / (tp * pp).
+        micro_batches: pipeline micro-batches per step (>= pipeline_parallel_size).
+        schedule: "gpipe", "1f1b" or "interleaved1f1b".
+        stages_per_rank: virtual stages per pipeline rank (interleaved1f1b: >= 2).
+        layout: explicit layer count of each stage (default: as even as possible).
+        param_dtype / reduce_dtype: FSDP2 mixed precision ("float32" or "bfloat16"); the usual
+            large-model choice is bfloat16 parameters with float32 gradient reduction.
+        reshard_after_forward: FSDP2 frees gathered parameters after forward (ZeRO-3) or keeps
+            them until backward (ZeRO-2-like, more memory, fewer all-gathers).
+        loss_parallel: keep logits vocabulary-sharded into the cross-entropy (no full logits per rank).
+    """
+
+    def __init__(
+        self,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        data_parallel_size: Optional[int] = None,
+        micro_batches: int = 1,
+        schedule: str = "1f1b",
+        stages_per_rank: int = 1,
+        layout: Optional[list[int]] = None,
+        param_dtype: str = "float32",
+        reduce_dtype: str = "float32",
+        reshard_after_forward: bool = True,
+        loss_parallel: bool = True,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = timedelta(minutes=30),
+    ) -> None:
+        super().__init__(process_group_backend=process_group_backend, timeout=timeout)
+        for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+            if value not in DTYPES:
+                raise ConfigError(f"trainer.strategy.{name} must be one of {list(DTYPES)}, got {value!r}")
+        self.sizes = dict(tp=tensor_parallel_size, pp=pipeline_parallel_size, dp=data_parallel_size)
+        self.micro_batches, self.schedule, self.stages_per_rank = micro_batches, schedule, stages_per_rank
+        self.layout = layout
+        self.fsdp = dict(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                         reshard_after_forward=reshard_after_forward)
+        self.loss_parallel = loss_parallel
+        self.dims: Optional[ParallelDims] = None
+
+    # ---- layout ---------------------------------------------------------------------------------
+    def check(self, arch: ModelConfig, seq_len: Optional[int], batch_size: Optional[int]) -> ParallelDims:
+        """The layout for this world size, checked against the model and data (no collective yet)."""
+        dims = ParallelDims.infer(self.num_nodes * self.num_processes, **self.sizes)
+        check_layout(dims, arch, seq_len=seq_len, micro_batches=self.micro_batches, schedule=self.schedule,
+                     stages_per_rank=self.stages_per_rank, layout=self.layout, batch_size=batch_size)
+        return dims
+
+    def setup_environment(self) -> None:
+        module = self.lightning_module
+        trainer = module.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        self.dims = self.check(module.arch, getattr(datamodule, "seq_len", None), getattr(datamodule, "batch_size", None))
+        if trainer.accumulate_grad_batches != 1:
+            raise ConfigError("trainer.accumulate_grad_batches must be 1 with FLMParallelStrategy: raise the "
+                              "batch size or use pipeline micro-batches")
+        super().setup_environment()  # process group (and Lightning's own 2D mesh, replaced below)
+        self._device_mesh = init_device_mesh(self.root_device.type, self.dims.shape, mesh_dim_names=MESH_DIMS)
+        module._device_mesh = self._device_mesh
+        # The pipeline schedule runs forward and backward itself: one manual step for every layout.
+        module.automatic_optimization = False
+        rank_zero_info(f"FLMParallelStrategy: {self.dims} on {self.world_size} processes ({self.root_device.type})")
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        dp = self.device_mesh["dp"]
+        return {"num_replicas": dp.size(), "rank": dp.get_local_rank()}
+
+    def parallelize(self, model: FLMTransformer) -> ParallelRuntime:
+        """Split (pp), shard (tp), then FSDP2 (dp) `model` in place; return what a step needs."""
+        mesh, dims = self.device_mesh, self.dims
+        stages, stage_ids = [model], [0]
+        if dims.pp > 1:
+            stage_ids, stages = split_for_rank(model, mesh["pp"].get_local_rank(), dims.pp, self.stages_per_rank,
+                                               self.layout)
+        if dims.tp > 1:
+            apply_tensor_parallel(model, mesh["tp"])
+        apply_fsdp(model, mesh["dp"], roots=stages, **self.fsdp)
+        runtime = ParallelRuntime(dims=dims, mesh=mesh, model=model, loss_parallel=self.loss_parallel)
+        if dims.pp > 1:
+            n_stages = dims.pp * self.stages_per_rank
+            runtime.schedule = build_schedule(stages, stage_ids, n_stages, mesh["pp"], self.root_device,
+                                              self.schedule, self.micro_batches, runtime.pipeline_loss)
+            runtime.has_first_stage, runtime.has_last_stage = 0 in stage_ids, n_stages - 1 in stage_ids
+        return runtime
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        return get_optimizer_state_dict(self.model, optimizer, options=OPTIMIZER_OPTIONS)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
+        """DCP folder written beside its final name and renamed when every rank is done (atomic)."""
+        if storage_options is not None:
+            raise TypeError("FLMParallelStrategy.save_checkpoint does not take storage_options")
+        path = Path(self.broadcast(str(filepath)))
+        partial = path.with_name(path.name + ".partial")
+        if self.is_global_zero and partial.exists():
+            shutil.rmtree(partial)
+        self.barrier()
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        dcp.save(state, checkpoint_id=partial)
+        if self.is_global_zero:
+            torch.save(checkpoint, partial / METADATA)
+        self.barrier()
+        if self.is_global_zero:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            partial.rename(path)
+        self.barrier()
+
+    def remove_checkpoint(self, filepath) -> None:
+        if self.is_global_zero:
+            shutil.rmtree(filepath, ignore_errors=True)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not (path / METADATA).is_file() or not (path / ".metadata").is_file():
+            raise CheckpointError(f"{path} is not a distributed checkpoint folder of FLMParallelStrategy "
+                                  f"(no {METADATA} / .metadata); convert a single-file checkpoint with model.init_from")
+        state: dict[str, Any] = {"state_dict": get_model_state_dict(self.model)}
+        for i, optimizer in enumerate(self.optimizers):
+            state[f"optimizer_{i}"] = get_optimizer_state_dict(self.model, optimizer, options=OPTIMIZER_OPTIONS)
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(self.model, state["state_dict"])
+        for i, optimizer in enumerate(self.optimizers):
+            set_optimizer_state_dict(self.model, optimizer, state[f"optimizer_{i}"], options=OPTIMIZER_OPTIONS)
+        return torch.load(path / METADATA, weights_only=weights_only is not False)

@@ -1,0 +1,116 @@
+"""`python -m flm_lightning compare-layouts -c CONFIG --layouts 1x1x1,1x2x1,1x1x2,2x1x1 --steps 10`:
+train the same config at several (pp x dp x tp) layouts on this machine and print the per-step
+losses side by side, with each layout's largest difference from the first.
+
+Every layout sees the same global batches (per-rank batch = global batch / dp) and the same
+initial weights; in fp32 the losses should agree to about 1e-5. Layouts run one after another as
+forked local processes (CPU/gloo here, one process per GPU on a GPU machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+
+from flm_lightning.errors import ConfigError
+from flm_lightning.parallel.dims import ParallelDims
+from flm_lightning.parallel.launch import run_forked
+
+
+def parse_layout(text: str) -> ParallelDims:
+    try:
+        pp, dp, tp = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--layouts: {text!r} is not PPxDPxTP (e.g. 2x2x2)") from None
+    return ParallelDims.infer(pp * dp * tp, tp=tp, pp=pp)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(pl_module.last_loss))
+
+
+def layout_overrides(dims: ParallelDims, global_batch: int, steps: int, schedule: str, micro_batches: int,
+                     accelerator: str) -> list[str]:
+    if global_batch % dims.dp:
+        raise ConfigError(f"--global-batch {global_batch} is not divisible by dp={dims.dp}")
+    strategy = "flm_lightning.parallel.FLMParallelStrategy"
+    return [
+        f"--trainer.accelerator={accelerator}", f"--trainer.devices={dims.world_size}", "--trainer.num_nodes=1",
+        f"--trainer.strategy={strategy}",
+        f"--trainer.strategy.init_args.tensor_parallel_size={dims.tp}",
+        f"--trainer.strategy.init_args.pipeline_parallel_size={dims.pp}",
+        f"--trainer.strategy.init_args.schedule={schedule}",
+        f"--trainer.strategy.init_args.stages_per_rank={2 if schedule == 'interleaved1f1b' else 1}",
+        f"--trainer.strategy.init_args.micro_batches={micro_batches if dims.pp > 1 else 1}",
+        "--trainer.callbacks=[]", f"--trainer.callbacks+={__name__}.LossRecorder", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.plugins=[]",
+        f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+        "--trainer.use_distributed_sampler=false", "--trainer.precision=32-true",
+        f"--data.init_args.batch_size={global_batch // dims.dp}",
+    ]
+
+
+def train_layout(config: str, overrides: list[str], out: Optional[str], ckpt_path: Optional[str] = None,
+                 save_to: Optional[str] = None) -> list[float]:
+    """Fit `config` with `overrides` in this process (one rank); rank 0 writes the losses to `out`."""
+    from flm_lightning.cli import main
+
+    resume = [f"--ckpt_path={ckpt_path}"] if ckpt_path else []
+    cli = main(["fit", "-c", config, *overrides, *resume])
+    recorder = next(c for c in cli.trainer.callbacks if isinstance(c, LossRecorder))
+    if save_to:
+        cli.trainer.save_checkpoint(save_to)
+    if out and cli.trainer.global_rank == 0:
+        Path(out).write_text(json.dumps(recorder.losses))
+    return recorder.losses
+
+
+def run_layout(config: str, dims: ParallelDims, extra: list[str], workdir: str, name: str,
+               ckpt_path: Optional[str] = None, save_to: Optional[str] = None) -> list[float]:
+    """Train at `dims` in forked local ranks; the per-step losses of the global batch."""
+    out = Path(workdir) / f"{name}.json"
+    run_forked(train_layout, dims.world_size, config, extra, str(out), ckpt_path, save_to,
+               log_dir=str(Path(workdir) / f"{name}-logs"))
+    return json.loads(out.read_text())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", required=True, help="a LightningCLI YAML config")
+    parser.add_argument("--layouts", default="1x1x1,1x2x1,1x1x2,2x1x1", help="comma-separated PPxDPxTP layouts")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--global-batch", type=int, default=8, help="samples per step over all dp ranks")
+    parser.add_argument("--schedule", default="1f1b", help="pipeline schedule: gpipe, 1f1b, interleaved1f1b")
+    parser.add_argument("--micro-batches", type=int, default=2)
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--json", help="also write {layout: losses} here")
+    parser.add_argument("overrides", nargs="*", help="more --key=value overrides for the config (after --)")
+
+
+def run(args: argparse.Namespace) -> None:
+    layouts = [(text, parse_layout(text)) for text in args.layouts.split(",")]
+    results: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="flm-layouts-") as workdir:
+        for text, dims in layouts:
+            extra = layout_overrides(dims, args.global_batch, args.steps, args.schedule, args.micro_batches,
+                                     args.accelerator) + list(args.overrides)
+            print(f"running {text} ({dims}) ...", flush=True)
+            results[text] = run_layout(args.config, dims, extra, workdir, text.replace("x", "_"))
+    names = list(results)
+    print("step  " + "  ".join(f"{n:>10}" for n in names))
+    for step in range(args.steps):
+        print(f"{step:>4}  " + "  ".join(f"{results[n][step]:10.6f}" for n in names))
+    base = results[names[0]]
+    for name in names[1:]:
+        diff = max(abs(a - b) for a, b in zip(base, results[name]))
+        print(f"max |loss({name}) - loss({names[0]})| = {diff:.2e}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
