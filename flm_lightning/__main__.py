@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from flm_lightning.errors import EXIT_USAGE, USER_ERRORS
-from flm_lightning.tools import compare_layouts, export_hf, generate, grow, import_hf, info, plan, prepare
+from flm_lightning.tools import compare_layouts, consolidate, export_hf, generate, grow, import_hf, info, plan, prepare
 
 TOOLS = {
     "info": info,
@@ -17,6 +17,7 @@ TOOLS = {
     "import-hf": import_hf,
     "generate": generate,
     "compare-layouts": compare_layouts,
+    "consolidate": consolidate,
 }
 
 

@@ -116,6 +116,9 @@ DATAMODULE_KEY = "TextDataModule"
 
 def read_checkpoint(path: Path, map_location: Optional[Any] = None) -> dict[str, Any]:
     """Checksum-verified, weights-only load; every failure is a CheckpointError naming the file."""
+    if is_distributed_checkpoint(path):
+        raise CheckpointError(f"{path} is a distributed checkpoint folder; make one file of it first: "
+                              f"python -m flm_lightning consolidate --ckpt {path} --out FILE.ckpt")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist{_others(path)}")
     verify(path)
@@ -180,3 +183,37 @@ def save_weights_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda f: torch.save(ckpt, f))
+
+
+# ---- distributed (FLMParallelStrategy) checkpoints --------------------------------------------------
+DISTRIBUTED_METADATA = "meta.pt"  # Lightning's name for the non-tensor part of a DCP checkpoint folder
+
+
+def is_distributed_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / ".metadata").is_file() and (path / DISTRIBUTED_METADATA).is_file()
+
+
+def consolidate_checkpoint(folder: str | Path, out: str | Path) -> dict[str, Any]:
+    """One weights checkpoint file from a distributed checkpoint folder saved at any layout.
+
+    Keeps the full weights and everything but the optimizer: `validate --ckpt_path`,
+    `--model.init_from`, `grow`, `export-hf` and `generate` read it. To continue training at
+    another layout, resume from the folder itself: it keeps the (sharded) AdamW state.
+    """
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder, out = Path(folder), Path(out)
+    if not is_distributed_checkpoint(folder):
+        raise CheckpointError(f"{folder} is not a distributed checkpoint folder (needs .metadata and {DISTRIBUTED_METADATA})")
+    meta = torch.load(folder / DISTRIBUTED_METADATA, map_location="cpu", weights_only=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = out.with_name(out.name + ".dcp.tmp")
+    try:
+        dcp_to_torch_save(folder, staged)
+        tensors = torch.load(staged, map_location="cpu", weights_only=True)
+    finally:
+        staged.unlink(missing_ok=True)
+    ckpt = {k: v for k, v in meta.items() if k not in ("optimizer_states", "lr_schedulers")}
+    ckpt["state_dict"] = tensors["state_dict"]
+    write_atomic(out, lambda f: torch.save(ckpt, f))
+    return ckpt

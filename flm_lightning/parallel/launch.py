@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,7 +36,11 @@ def _child(rank: int, world: int, port: int, fn: Callable, args: tuple, log_dir:
     import torch
 
     torch.set_num_threads(1)
-    fn(*args)
+    try:
+        fn(*args)
+    except BaseException:
+        traceback.print_exc()  # into this rank's log too; the parent re-raises the first failure
+        raise
 
 
 def run_forked(fn: Callable, nprocs: int, *args, log_dir: Optional[str] = None) -> None:

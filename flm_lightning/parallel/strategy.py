@@ -30,6 +30,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 
+from flm_lightning.checkpoint import DISTRIBUTED_METADATA as METADATA
+from flm_lightning.checkpoint import is_distributed_checkpoint
 from flm_lightning.errors import CheckpointError, ConfigError
 from flm_lightning.model import FLMTransformer, ModelConfig
 from flm_lightning.parallel.dims import MESH_DIMS, ParallelDims, check_layout
@@ -37,7 +39,6 @@ from flm_lightning.parallel.parallelize import DTYPES, apply_fsdp, apply_tensor_
 from flm_lightning.parallel.pipeline import build_schedule, split_for_rank
 from flm_lightning.parallel.runtime import ParallelRuntime
 
-METADATA = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
 # Optimizer state keyed by parameter name: pipeline stages own different parameters, and the
 # nested format's per-group lists collide across stages in DCP (KeyError 'betas' on resume).
 OPTIMIZER_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, cpu_offload=True)
@@ -170,7 +171,7 @@ class FLMParallelStrategy(ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
-        if not (path / METADATA).is_file() or not (path / ".metadata").is_file():
+        if not is_distributed_checkpoint(path):
             raise CheckpointError(f"{path} is not a distributed checkpoint folder of FLMParallelStrategy "
                                   f"(no {METADATA} / .metadata); convert a single-file checkpoint with model.init_from")
         state: dict[str, Any] = {"state_dict": get_model_state_dict(self.model)}

@@ -38,24 +38,29 @@ class LossRecorder(L.Callback):
         self.losses.append(float(pl_module.last_loss))
 
 
-def layout_overrides(dims: ParallelDims, global_batch: int, steps: int, schedule: str, micro_batches: int,
-                     accelerator: str) -> list[str]:
-    if global_batch % dims.dp:
-        raise ConfigError(f"--global-batch {global_batch} is not divisible by dp={dims.dp}")
-    strategy = "flm_lightning.parallel.FLMParallelStrategy"
-    return [
-        f"--trainer.accelerator={accelerator}", f"--trainer.devices={dims.world_size}", "--trainer.num_nodes=1",
-        f"--trainer.strategy={strategy}",
+def layout_overrides(dims: Optional[ParallelDims], global_batch: int, steps: int, schedule: str = "1f1b",
+                     micro_batches: int = 2, accelerator: str = "cpu") -> list[str]:
+    """CLI overrides that train `steps` steps at `dims` (None: one process, Lightning's default strategy)."""
+    dp = dims.dp if dims is not None else 1
+    if global_batch % dp:
+        raise ConfigError(f"--global-batch {global_batch} is not divisible by dp={dp}")
+    common = [
+        f"--trainer.accelerator={accelerator}", "--trainer.num_nodes=1",
+        "--trainer.callbacks=[]", f"--trainer.callbacks+={__name__}.LossRecorder", "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--trainer.plugins=[]", f"--trainer.max_steps={steps}",
+        "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", "--trainer.use_distributed_sampler=false",
+        "--trainer.precision=32-true", f"--data.init_args.batch_size={global_batch // dp}",
+    ]
+    if dims is None:
+        return common + ["--trainer.devices=1", "--trainer.strategy=auto"]
+    return common + [
+        f"--trainer.devices={dims.world_size}", "--trainer.strategy=flm_lightning.parallel.FLMParallelStrategy",
         f"--trainer.strategy.init_args.tensor_parallel_size={dims.tp}",
         f"--trainer.strategy.init_args.pipeline_parallel_size={dims.pp}",
         f"--trainer.strategy.init_args.schedule={schedule}",
         f"--trainer.strategy.init_args.stages_per_rank={2 if schedule == 'interleaved1f1b' else 1}",
         f"--trainer.strategy.init_args.micro_batches={micro_batches if dims.pp > 1 else 1}",
-        "--trainer.callbacks=[]", f"--trainer.callbacks+={__name__}.LossRecorder", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.plugins=[]",
-        f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
-        "--trainer.use_distributed_sampler=false", "--trainer.precision=32-true",
-        f"--data.init_args.batch_size={global_batch // dims.dp}",
     ]
 
 

@@ -1,0 +1,159 @@
+"""FLMParallelStrategy on CPU/gloo: every layout trains the single-process model step for step.
+
+Layouts run as forked local ranks (flm_lightning.parallel.launch); the reference is the plain
+one-process fit with Lightning's default strategy, on the same global batches.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flm_lightning.checkpoint import model_from_checkpoint, read_checkpoint
+from flm_lightning.cli import main
+from flm_lightning.errors import CheckpointError, ConfigError
+from flm_lightning.parallel.dims import ParallelDims, check_layout, stage_layers
+from flm_lightning.parallel.launch import run_forked
+from flm_lightning.tools.compare_layouts import layout_overrides, parse_layout, run_layout, train_layout
+from flm_lightning.tools.consolidate import consolidate_checkpoint
+from tests.conftest import tiny_config
+
+STEPS, GLOBAL_BATCH, TOL = 10, 8, 1e-5
+FLM_101B_FAMILY = ["--model.arch.norm=layernorm", "--model.arch.activation=gelu", "--model.arch.bias=true",
+                   "--model.arch.position=xpos", "--model.arch.tie_embeddings=true"]
+CONFIG = """\
+seed_everything: 1234
+trainer:
+  accelerator: cpu
+  gradient_clip_val: 1.0
+model:
+  arch: {{vocab_size: 512, n_layers: 4, n_heads: 4, hidden_size: 64, max_seq_len: 32}}
+  optim: {{lr: 3.0e-3, warmup_steps: 3}}
+data:
+  class_path: flm_lightning.data.TextDataModule
+  init_args: {{vocab_size: 512, seq_len: 32, batch_size: 8, cache_dir: {cache}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def config(docs_cache, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("parallel") / "small.yaml"
+    path.write_text(CONFIG.format(cache=docs_cache))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(config) -> dict[str, list[float]]:
+    """Per-step losses of the plain single-process fit, per family."""
+    return {family: train_layout(config, layout_overrides(None, GLOBAL_BATCH, STEPS) + extra, None)
+            for family, extra in (("teleflm", []), ("flm101b", FLM_101B_FAMILY))}
+
+
+def _losses(config, tmp_path, layout, extra=(), schedule="1f1b", **kwargs):
+    dims = parse_layout(layout)
+    overrides = layout_overrides(dims, GLOBAL_BATCH, STEPS, schedule=schedule, micro_batches=2) + list(extra)
+    return run_layout(config, dims, overrides, str(tmp_path), layout, **kwargs)
+
+
+def _max_diff(a, b):
+    assert len(a) == len(b)
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("family,layout,schedule", [
+    ("teleflm", "1x1x1", "1f1b"),
+    ("teleflm", "1x2x1", "1f1b"),
+    ("teleflm", "1x1x2", "1f1b"),
+    ("teleflm", "2x1x1", "1f1b"),
+    ("teleflm", "2x1x1", "gpipe"),
+    ("teleflm", "2x1x1", "interleaved1f1b"),
+    ("teleflm", "2x2x2", "1f1b"),
+    ("flm101b", "1x2x1", "1f1b"),
+    ("flm101b", "1x1x2", "1f1b"),
+    ("flm101b", "1x2x2", "1f1b"),
+])
+def test_layout_reproduces_single_process_losses(config, reference, tmp_path, family, layout, schedule):
+    extra = FLM_101B_FAMILY if family == "flm101b" else []
+    losses = _losses(config, tmp_path, layout, extra, schedule)
+    assert len(losses) == STEPS and losses[-1] < losses[0] - 0.3  # it trains
+    assert _max_diff(losses, reference[family]) < TOL
+
+
+def test_mup_groups_survive_sharding(config, tmp_path):
+    mup = ["--model.mup.base_hidden_size=32", "--model.mup.matrix_lr=1e-2"]
+    plain = train_layout(config, layout_overrides(None, GLOBAL_BATCH, STEPS) + mup, None)
+    assert _max_diff(_losses(config, tmp_path, "1x2x2", mup), plain) < TOL
+
+
+def test_resume_at_another_layout(config, reference, tmp_path):
+    """Saved at pp2 x dp2 x tp2 after 5 steps; resumed at 1x1x1 and 1x2x2: the remaining losses are the
+    uninterrupted run's. Consolidated, the same checkpoint is one weights file for the tools."""
+    ckpts = tmp_path / "ckpts"
+    saving = ["--trainer.enable_checkpointing=true", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+              f"--trainer.callbacks.dirpath={ckpts}", "--trainer.callbacks.every_n_train_steps=5",
+              "--trainer.callbacks.save_top_k=-1"]
+    _losses(config, tmp_path, "2x2x2", saving)
+    folder = ckpts / "epoch=0-step=5.ckpt"
+    assert (folder / ".metadata").is_file() and len(list(folder.glob("*.distcp"))) == 8
+    for layout in ("1x1x1", "1x2x2"):
+        resumed = _losses(config, tmp_path / layout, layout, ckpt_path=str(folder))
+        assert len(resumed) == STEPS - 5
+        assert _max_diff(resumed, reference["teleflm"][5:]) < TOL, layout
+
+    with pytest.raises(CheckpointError, match="consolidate"):
+        read_checkpoint(folder)
+    consolidate_checkpoint(folder, tmp_path / "one.ckpt")
+    model, ckpt = model_from_checkpoint(tmp_path / "one.ckpt")  # strict: every weight present, full shapes
+    assert ckpt["global_step"] == 5
+    assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in ckpt["state_dict"].values())
+
+
+# ---- layout checks: one message, before any process group ----------------------------------------
+@pytest.mark.parametrize("kwargs,world,message", [
+    (dict(tp=3), 4, "not divisible by tensor_parallel_size x pipeline_parallel_size = 3 x 1"),
+    (dict(tp=2, dp=4), 4, "data_parallel_size=4 does not fit world size 4"),
+    (dict(tp=0), 4, "tensor_parallel_size must be an integer >= 1"),
+])
+def test_layout_must_fit_the_world(kwargs, world, message):
+    with pytest.raises(ConfigError, match=message):
+        ParallelDims.infer(world, **kwargs)
+
+
+@pytest.mark.parametrize("dims,arch,kwargs,message", [
+    ((1, 1, 8), {}, {}, r"tensor_parallel_size=8 does not divide model.arch.n_heads \(4\)"),
+    ((1, 1, 4), dict(ffn_hidden_size=90), {}, r"does not divide the ffn width \(90\)"),
+    ((1, 1, 2), {}, dict(seq_len=31), r"does not divide the sequence length 31"),
+    ((4, 1, 1), dict(n_layers=2), dict(micro_batches=4), r"4 pipeline stages .* only 2 layers"),
+    ((2, 1, 1), {}, dict(micro_batches=1), r"micro_batches=1 is smaller than pipeline_parallel_size=2"),
+    ((2, 1, 1), {}, dict(micro_batches=2, batch_size=3), r"does not divide the per-rank batch size 3"),
+    ((2, 1, 1), {}, dict(micro_batches=2, layout=[1, 2]), r"layout=\[1, 2\] must list 2 positive layer counts"),
+    ((2, 1, 1), {}, dict(micro_batches=2, schedule="zb"), r"schedule must be one of"),
+])
+def test_layout_must_fit_the_model(dims, arch, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        check_layout(ParallelDims(*dims), tiny_config("teleflm", n_layers=arch.pop("n_layers", 4), **arch), **kwargs)
+
+
+def test_bad_layout_exits_2_before_any_process_group(config, capsys):
+    args = ["fit", "-c", config, "--trainer.devices=1", "--trainer.strategy=flm_lightning.parallel.FLMParallelStrategy",
+            "--trainer.strategy.init_args.tensor_parallel_size=2", "--trainer.logger=false"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert "error: world size 1 (nodes x devices) is not divisible" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()
+
+
+def test_stages_split_layers_evenly_or_by_layout():
+    assert stage_layers(5, 2) == [["0", "1", "2"], ["3", "4"]]
+    assert stage_layers(4, 2, [1, 3]) == [["0"], ["1", "2", "3"]]
+
+
+def _rank_failure():
+    raise RuntimeError("rank failed")
+
+
+def test_a_failing_rank_fails_the_launch(tmp_path):
+    with pytest.raises(Exception, match="rank failed"):
+        run_forked(_rank_failure, 2, log_dir=str(tmp_path))
+    assert "rank failed" in Path(tmp_path / "rank1.log").read_text()
