@@ -4,8 +4,6 @@ Layouts run as forked local ranks (flm_lightning.parallel.launch); the reference
 one-process fit with Lightning's default strategy, on the same global batches.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -156,4 +154,5 @@ def _rank_failure():
 def test_a_failing_rank_fails_the_launch(tmp_path):
     with pytest.raises(Exception, match="rank failed"):
         run_forked(_rank_failure, 2, log_dir=str(tmp_path))
-    assert "rank failed" in Path(tmp_path / "rank1.log").read_text()
+    # The parent stops the other rank once one fails; the first failure is in its own log.
+    assert any("rank failed" in (tmp_path / f"rank{r}.log").read_text() for r in range(2))

@@ -29,7 +29,7 @@ def _child(rank: int, world: int, port: int, fn: Callable, args: tuple, log_dir:
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", NODE_RANK="0",
                       OMP_NUM_THREADS="1")
     if log_dir is not None:  # one log per rank: N processes writing one terminal is unreadable
-        log = open(Path(log_dir) / f"rank{rank}.log", "w")
+        log = open(Path(log_dir) / f"rank{rank}.log", "w", buffering=1)
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         sys.stdout = sys.stderr = log
