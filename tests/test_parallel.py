@@ -69,6 +69,8 @@ def _max_diff(a, b):
     ("flm101b", "1x2x1", "1f1b"),
     ("flm101b", "1x1x2", "1f1b"),
     ("flm101b", "1x2x2", "1f1b"),
+    ("flm101b", "2x1x1", "interleaved1f1b"),  # tied embedding: first and last stage on different ranks
+    ("flm101b", "2x2x2", "1f1b"),
 ])
 def test_layout_reproduces_single_process_losses(config, reference, tmp_path, family, layout, schedule):
     extra = FLM_101B_FAMILY if family == "flm101b" else []
@@ -83,15 +85,19 @@ def test_mup_groups_survive_sharding(config, tmp_path):
     assert _max_diff(_losses(config, tmp_path, "1x2x2", mup), plain) < TOL
 
 
-def test_resume_at_another_layout(config, reference, tmp_path):
-    """Saved at pp2 x dp2 x tp2 after 5 steps; resumed at 1x1x1 and 1x2x2: the remaining losses are the
-    uninterrupted run's. Consolidated, the same checkpoint is one weights file for the tools."""
+def _save_at_step_5(config, tmp_path, layout, extra=()):
     ckpts = tmp_path / "ckpts"
     saving = ["--trainer.enable_checkpointing=true", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
               f"--trainer.callbacks.dirpath={ckpts}", "--trainer.callbacks.every_n_train_steps=5",
               "--trainer.callbacks.save_top_k=-1"]
-    _losses(config, tmp_path, "2x2x2", saving)
-    folder = ckpts / "epoch=0-step=5.ckpt"
+    _losses(config, tmp_path, layout, [*extra, *saving])
+    return ckpts / "epoch=0-step=5.ckpt"
+
+
+def test_resume_at_another_layout(config, reference, tmp_path):
+    """Saved at pp2 x dp2 x tp2 after 5 steps; resumed at 1x1x1 and 1x2x2: the remaining losses are the
+    uninterrupted run's. Consolidated, the same checkpoint is one weights file for the tools."""
+    folder = _save_at_step_5(config, tmp_path, "2x2x2")
     assert (folder / ".metadata").is_file() and len(list(folder.glob("*.distcp"))) == 8
     for layout in ("1x1x1", "1x2x2"):
         resumed = _losses(config, tmp_path / layout, layout, ckpt_path=str(folder))
@@ -156,3 +162,10 @@ def test_a_failing_rank_fails_the_launch(tmp_path):
         run_forked(_rank_failure, 2, log_dir=str(tmp_path))
     # The parent stops the other rank once one fails; the first failure is in its own log.
     assert any("rank failed" in (tmp_path / f"rank{r}.log").read_text() for r in range(2))
+
+
+def test_tied_embedding_resumes_from_pipeline_to_one_process(config, reference, tmp_path):
+    """The two copies of a tied embedding are one checkpoint entry: pp2 -> 1x1x1 continues exactly."""
+    folder = _save_at_step_5(config, tmp_path, "2x1x1", FLM_101B_FAMILY)
+    resumed = _losses(config, tmp_path / "one", "1x1x1", FLM_101B_FAMILY, ckpt_path=str(folder))
+    assert _max_diff(resumed, reference["flm101b"][5:]) < TOL

@@ -64,7 +64,7 @@ def apply_tensor_parallel(model: FLMTransformer, tp_mesh: DeviceMesh) -> None:
     parallelize_module(model, tp_mesh, top)
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_plan())
-    if model.config.tie_embeddings and model.tok_embeddings is not None:
+    if model.config.tie_embeddings and model.tok_embeddings is not None and model.norm is not None:
         # Tied head: F.linear(h, embedding weight) with h the norm's sequence-sharded DTensor; gather
         # the sequence so the product comes out vocabulary-sharded like an untied head's.
         model.norm.register_forward_hook(lambda _m, _i, out: out.redistribute(placements=[Replicate()]))

@@ -12,11 +12,12 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from flm_lightning.errors import ConfigError
 from flm_lightning.model import FLMTransformer
 from flm_lightning.parallel.dims import stage_layers
 
@@ -27,7 +28,12 @@ def rank_stages(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
 
 
 class StageModule(FLMTransformer):
-    """One pipeline stage: a view over the pruned model's modules (no parameters of its own)."""
+    """One pipeline stage: a view over the pruned model's modules (no parameters of its own).
+
+    With tied embeddings the last stage computes the logits with its own copy of the embedding
+    matrix (kept under the same name, `tok_embeddings.weight`, so checkpoints do not change);
+    `ParallelRuntime` sums the two copies' gradients so they stay identical (Megatron's approach).
+    """
 
     def __init__(self, model: FLMTransformer, layer_names: list[str], first: bool, last: bool):
         nn.Module.__init__(self)
@@ -37,28 +43,36 @@ class StageModule(FLMTransformer):
         self.layers = nn.ModuleDict({name: model.layers[name] for name in layer_names})
         self.norm = model.norm if last else None
         self.output = model.output if last else None
+        self.is_last = last
+        self.tied_head = model.tok_embeddings if last and model.config.tie_embeddings else None
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.is_last:
+            return h  # hidden states go to the next stage
+        if self.tied_head is None:
+            return super().logits(h)
+        scale = self.config.output_mult / self.config.width_mult
+        logits = F.linear(h, self.tied_head.weight)
+        return logits * scale if scale != 1.0 else logits
 
 
 def prune_model(model: FLMTransformer, stage_ids: list[int], layer_names: list[list[str]]) -> None:
     """Drop from `model` (in place) every layer, embedding and head that none of `stage_ids` runs."""
+    last = len(layer_names) - 1
     keep = {name for s in stage_ids for name in layer_names[s]}
     for name in list(model.layers):
         if name not in keep:
             del model.layers[name]
-    if 0 not in stage_ids:
+    tied_head_here = model.config.tie_embeddings and last in stage_ids
+    if 0 not in stage_ids and not tied_head_here:
         model.tok_embeddings = None
-    if len(layer_names) - 1 not in stage_ids:
+    if last not in stage_ids:
         model.norm, model.output = None, None
 
 
 def split_for_rank(model: FLMTransformer, pp_rank: int, pp: int, stages_per_rank: int = 1,
                    layout: Optional[list[int]] = None) -> tuple[list[int], list[StageModule]]:
     """Prune `model` to this rank's stages and return (stage ids, stage modules)."""
-    if model.config.tie_embeddings and pp > 1:
-        raise ConfigError(
-            "pipeline parallelism with tied embeddings (model.arch.tie_embeddings: true) is not supported: the "
-            "embedding and the head would live on different stages; untie them or use pipeline_parallel_size: 1"
-        )
     n_stages = pp * stages_per_rank
     names = stage_layers(model.config.n_layers, n_stages, layout)
     ids = rank_stages(pp_rank, pp, stages_per_rank)
@@ -79,3 +93,12 @@ def build_schedule(stages: list[StageModule], stage_ids: list[int], n_stages: in
         return ScheduleInterleaved1F1B(pipeline_stages, **kwargs)
     cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
     return cls(pipeline_stages[0], **kwargs)
+
+
+def tied_embedding_group(mesh: DeviceMesh) -> Optional[dist.ProcessGroup]:
+    """The group of this rank's first- and last-stage peers (same dp and tp coordinates), who hold the
+    two copies of a tied embedding; None on middle stages. Every rank must call this."""
+    ranks = mesh.mesh  # [pp, dp, tp] global ranks
+    pairs = [[int(ranks[0, d, t]), int(ranks[-1, d, t])] for d in range(ranks.shape[1]) for t in range(ranks.shape[2])]
+    group, _ = dist.new_subgroups_by_enumeration(pairs)
+    return group

@@ -46,7 +46,23 @@ class ParallelRuntime:
     has_first_stage: bool = True
     has_last_stage: bool = True
     loss_parallel: bool = True
+    tied_group: Optional[dist.ProcessGroup] = None  # first and last stage holding a tied embedding
     _loss_scale: float = field(default=1.0, repr=False)
+
+    @property
+    def tied_copy(self) -> Optional[torch.nn.Parameter]:
+        """The last stage's copy of a tied embedding (its gradient is already counted on the first stage)."""
+        if self.tied_group is not None and self.has_last_stage and not self.has_first_stage:
+            return self.model.tok_embeddings.weight
+        return None
+
+    def _sync_tied_embedding(self) -> None:
+        """Sum the gradients of the two copies of a tied embedding: both then take the same update."""
+        if self.tied_group is None:
+            return
+        grad = self.model.tok_embeddings.weight.grad
+        if grad is not None:
+            dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=self.tied_group)
 
     # ---- collectives --------------------------------------------------------------------------
     def _all_reduce(self, value: torch.Tensor, dim: str) -> torch.Tensor:
@@ -93,6 +109,7 @@ class ParallelRuntime:
         if self.schedule is not None:
             self._loss_scale = float(scale)
             local = self._run_pipeline(batch, train=True)  # sum of micro-batch losses, already scaled
+            self._sync_tied_embedding()
             return StepResult(loss=self._all_reduce(local, "dp") / self.dims.dp, tokens=tokens)
         with self._loss_context():
             logits = self.model(batch["input_ids"], position_ids=batch.get("position_ids"),
@@ -118,7 +135,8 @@ class ParallelRuntime:
 
     def grad_norm(self, parameters) -> torch.Tensor:
         """Global L2 norm of the gradients over every shard and pipeline stage."""
-        grads = [p.grad for p in parameters if p.grad is not None]
+        skip = self.tied_copy
+        grads = [p.grad for p in parameters if p.grad is not None and p is not skip]
         if grads:
             norm = torch.nn.utils.get_total_norm(grads)
             if isinstance(norm, DTensor):

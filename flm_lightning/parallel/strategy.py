@@ -36,7 +36,7 @@ from flm_lightning.errors import CheckpointError, ConfigError
 from flm_lightning.model import FLMTransformer, ModelConfig
 from flm_lightning.parallel.dims import MESH_DIMS, ParallelDims, check_layout
 from flm_lightning.parallel.parallelize import DTYPES, apply_fsdp, apply_tensor_parallel
-from flm_lightning.parallel.pipeline import build_schedule, split_for_rank
+from flm_lightning.parallel.pipeline import build_schedule, split_for_rank, tied_embedding_group
 from flm_lightning.parallel.runtime import ParallelRuntime
 
 # Optimizer state keyed by parameter name: pipeline stages own different parameters, and the
@@ -134,6 +134,8 @@ class FLMParallelStrategy(ModelParallelStrategy):
             runtime.schedule = build_schedule(stages, stage_ids, n_stages, mesh["pp"], self.root_device,
                                               self.schedule, self.micro_batches, runtime.pipeline_loss)
             runtime.has_first_stage, runtime.has_last_stage = 0 in stage_ids, n_stages - 1 in stage_ids
+            if model.config.tie_embeddings:
+                runtime.tied_group = tied_embedding_group(mesh)
         return runtime
 
     # ---- checkpoints ------------------------------------------------------------------------------
