@@ -43,14 +43,14 @@ def config(docs_cache, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def reference(config) -> dict[str, list[float]]:
     """Per-step losses of the plain single-process fit, per family."""
-    return {family: train_layout(config, layout_overrides(None, GLOBAL_BATCH, STEPS) + extra, None)
+    return {family: train_layout(config, layout_overrides(None, GLOBAL_BATCH, STEPS) + extra, None)["train"]
             for family, extra in (("teleflm", []), ("flm101b", FLM_101B_FAMILY))}
 
 
-def _losses(config, tmp_path, layout, extra=(), schedule="1f1b", **kwargs):
+def _losses(config, tmp_path, layout, extra=(), schedule="1f1b", part="train", **kwargs):
     dims = parse_layout(layout)
     overrides = layout_overrides(dims, GLOBAL_BATCH, STEPS, schedule=schedule, micro_batches=2) + list(extra)
-    return run_layout(config, dims, overrides, str(tmp_path), layout, **kwargs)
+    return run_layout(config, dims, overrides, str(tmp_path), layout, **kwargs)[part]
 
 
 def _max_diff(a, b):
@@ -81,8 +81,16 @@ def test_layout_reproduces_single_process_losses(config, reference, tmp_path, fa
 
 def test_mup_groups_survive_sharding(config, tmp_path):
     mup = ["--model.mup.base_hidden_size=32", "--model.mup.matrix_lr=1e-2"]
-    plain = train_layout(config, layout_overrides(None, GLOBAL_BATCH, STEPS) + mup, None)
+    plain = train_layout(config, layout_overrides(None, GLOBAL_BATCH, STEPS) + mup, None)["train"]
     assert _max_diff(_losses(config, tmp_path, "1x2x2", mup), plain) < TOL
+
+
+def test_validation_runs_on_every_stage(config, tmp_path):
+    """Validation mid-fit and at the end under pp2 x dp2 x tp2 gives the one-process validation losses."""
+    validating = ["--trainer.limit_val_batches=3", "--trainer.val_check_interval=5"]
+    plain = train_layout(config, layout_overrides(None, GLOBAL_BATCH, STEPS) + validating, None)["val"]
+    assert len(plain) == 2
+    assert _max_diff(_losses(config, tmp_path, "2x2x2", validating, part="val"), plain) < TOL
 
 
 def _save_at_step_5(config, tmp_path, layout, extra=()):

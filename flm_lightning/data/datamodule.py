@@ -167,8 +167,19 @@ class MixtureDataModule(L.LightningDataModule):
             sets.append(self.teacher_val)
         if not sets:
             raise DataError("data: no validation data (prepare with --val-fraction > 0)")
-        return [DataLoader(s, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                           generator=self._generator()) for s in sets]
+        rank, world, _ = self._world()
+        if world == 1:
+            return [DataLoader(s, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                               generator=self._generator()) for s in sets]
+        # Data-parallel ranks split each global batch of windows (as in training). Every rank must run
+        # the same number of batches (sharded models gather in forward), so a last partial global
+        # batch is left out.
+        for s in sets:
+            if len(s) < self.batch_size * world:
+                raise DataError(f"data: a validation set of {len(s)} windows is smaller than one global batch "
+                                f"({self.batch_size} x {world} data-parallel ranks); lower data.batch_size")
+        return [DataLoader(s, batch_size=self.batch_size, num_workers=self.num_workers, generator=self._generator(),
+                           sampler=ResumableSampler(0, len(s), self.batch_size, rank, world)) for s in sets]
 
     def _generator(self) -> torch.Generator:
         # Its own generator: creating an iterator must not draw from the global RNG, or a resumed

@@ -31,11 +31,17 @@ def parse_layout(text: str) -> ParallelDims:
 
 
 class LossRecorder(L.Callback):
+    """Per-step training losses and every validation loss of a run."""
+
     def __init__(self) -> None:
-        self.losses: list[float] = []
+        self.losses: dict[str, list[float]] = {"train": [], "val": []}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(pl_module.last_loss))
+        self.losses["train"].append(float(pl_module.last_loss))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if "val/loss" in trainer.callback_metrics:
+            self.losses["val"].append(float(trainer.callback_metrics["val/loss"]))
 
 
 def layout_overrides(dims: Optional[ParallelDims], global_batch: int, steps: int, schedule: str = "1f1b",
@@ -65,7 +71,7 @@ def layout_overrides(dims: Optional[ParallelDims], global_batch: int, steps: int
 
 
 def train_layout(config: str, overrides: list[str], out: Optional[str], ckpt_path: Optional[str] = None,
-                 save_to: Optional[str] = None) -> list[float]:
+                 save_to: Optional[str] = None) -> dict[str, list[float]]:
     """Fit `config` with `overrides` in this process (one rank); rank 0 writes the losses to `out`."""
     from flm_lightning.cli import main
 
@@ -80,8 +86,8 @@ def train_layout(config: str, overrides: list[str], out: Optional[str], ckpt_pat
 
 
 def run_layout(config: str, dims: ParallelDims, extra: list[str], workdir: str, name: str,
-               ckpt_path: Optional[str] = None, save_to: Optional[str] = None) -> list[float]:
-    """Train at `dims` in forked local ranks; the per-step losses of the global batch."""
+               ckpt_path: Optional[str] = None, save_to: Optional[str] = None) -> dict[str, list[float]]:
+    """Train at `dims` in forked local ranks: {"train": per-step losses of the global batch, "val": [...]}."""
     out = Path(workdir) / f"{name}.json"
     run_forked(train_layout, dims.world_size, config, extra, str(out), ckpt_path, save_to,
                log_dir=str(Path(workdir) / f"{name}-logs"))
@@ -108,7 +114,7 @@ def run(args: argparse.Namespace) -> None:
             extra = layout_overrides(dims, args.global_batch, args.steps, args.schedule, args.micro_batches,
                                      args.accelerator) + list(args.overrides)
             print(f"running {text} ({dims}) ...", flush=True)
-            results[text] = run_layout(args.config, dims, extra, workdir, text.replace("x", "_"))
+            results[text] = run_layout(args.config, dims, extra, workdir, text.replace("x", "_"))["train"]
     names = list(results)
     print("step  " + "  ".join(f"{n:>10}" for n in names))
     for step in range(args.steps):
