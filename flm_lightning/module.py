@@ -15,6 +15,7 @@ from typing import Any, Optional
 import lightning as L
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -25,6 +26,7 @@ from flm_lightning.mup import MuP, MuPConfig
 from flm_lightning.objective import LossParts, freelm_loss
 from flm_lightning.growth import GrowthMasks, MaskPlan, grow, mask_value, transfer_adam_state
 from flm_lightning.optim import LR_POLICIES, OptimConfig, build_adamw, build_scheduler
+from flm_lightning.parallel.parallelize import initialize_sharded
 from flm_lightning.parallel.runtime import ParallelRuntime
 from flm_lightning.parallel.strategy import FLMParallelStrategy
 
@@ -138,16 +140,31 @@ class FLMLightningModule(L.LightningModule):
         return MuP(self.mup_cfg, self.arch, self.optim_cfg.lr) if self.mup_cfg is not None else None
 
     def configure_model(self) -> None:
-        if self.model is None:
-            self.model = FLMTransformer(self.arch)
-            if self.mup is not None:
-                self.mup.initialize(self.model)
+        if self.model is not None:
+            return
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        self.model = FLMTransformer(self.arch)  # on the meta device under FLMParallelStrategy(meta_init=True)
+        if not isinstance(strategy, FLMParallelStrategy):
+            self._initialize()
+            return
+        on_meta = any(p.is_meta for p in self.model.parameters())
+        if not on_meta:
+            self._initialize()  # every rank the same full model (same seed): layouts start identical
+        self.parallel = strategy.parallelize(self.model)  # split, shard, wrap
+        if on_meta:
+            self.model.to_empty(device=strategy.root_device)
+            self.model.rotary.reset_tables()
+            init_std = self.mup.init_std if self.mup is not None else self.model.init_std
+            initialize_sharded(self.model, init_std, seed=strategy.init_seed)
             if self.init_from:
                 self._load_initial_weights(self.init_from)
-            strategy = self.trainer.strategy if self._trainer is not None else None
-            if isinstance(strategy, FLMParallelStrategy):
-                # Every rank built the same full model (same seed); now split, shard and wrap it.
-                self.parallel = strategy.parallelize(self.model)
+
+    def _initialize(self) -> None:
+        """μP initialisation, then the weights of `init_from` when given."""
+        if self.mup is not None:
+            self.mup.initialize(self.model)
+        if self.init_from:
+            self._load_initial_weights(self.init_from)
 
     def _load_initial_weights(self, path: str) -> None:
         ckpt = load_checkpoint(path)
@@ -155,7 +172,14 @@ class FLMLightningModule(L.LightningModule):
         diff = {k: (v, ours[k]) for k, v in theirs.items() if ours[k] != v}
         if diff:
             raise ConfigError(f"model.init_from {path}: model.arch differs from the checkpoint's in {diff} (checkpoint, config)")
-        self.model.load_state_dict(model_weights(ckpt))
+        weights = model_weights(ckpt)
+        if self.parallel is None:
+            self.model.load_state_dict(weights)
+            return
+        # A sharded (and possibly pipeline-pruned) model takes the full tensors it holds a part of.
+        own = set(self.model.state_dict())
+        set_model_state_dict(self.model, {k: v for k, v in weights.items() if k in own},
+                             options=StateDictOptions(full_state_dict=True))
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.model(input_ids, position_ids=position_ids)

@@ -85,6 +85,15 @@ def test_mup_groups_survive_sharding(config, tmp_path):
     assert _max_diff(_losses(config, tmp_path, "1x2x2", mup), plain) < TOL
 
 
+def test_meta_init_gives_the_same_weights_at_every_layout(config, tmp_path):
+    """meta_init (for models one process cannot hold): shards initialised after sharding, from per-parameter
+    generators, so 1x1x1 and 2x2x2 start alike and train alike, with μP's init rules too."""
+    extra = ["--trainer.strategy.init_args.meta_init=true", "--model.mup.base_hidden_size=32"]
+    one = _losses(config, tmp_path, "1x1x1", extra)
+    assert one[-1] < one[0] - 0.2
+    assert _max_diff(_losses(config, tmp_path, "2x2x2", extra), one) < TOL
+
+
 def test_validation_runs_on_every_stage(config, tmp_path):
     """Validation mid-fit and at the end under pp2 x dp2 x tp2 gives the one-process validation losses."""
     validating = ["--trainer.limit_val_batches=3", "--trainer.val_check_interval=5"]

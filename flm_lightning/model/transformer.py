@@ -48,6 +48,13 @@ class FLMTransformer(nn.Module):
                 module.reset_parameters()
         self.rotary.reset_tables()
 
+    def init_std(self, name: str) -> Optional[float]:
+        """The std `init_weights` draws parameter `name` with; None for norm weights and biases."""
+        if name.endswith("bias") or name.rsplit(".", 1)[0].endswith("norm"):
+            return None
+        return residual_init_std(self.config) if name.endswith(tuple(f"{r}.weight" for r in RESIDUAL_OUTPUTS)) \
+            else self.config.init_std
+
     def forward(
         self,
         tokens: torch.Tensor,

@@ -11,10 +11,12 @@ itself); `trainer.gradient_clip_val` keeps its meaning and is applied by the mod
 
 from __future__ import annotations
 
+import os
 import shutil
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Generator, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -60,6 +62,11 @@ class FLMParallelStrategy(ModelParallelStrategy):
         reshard_after_forward: FSDP2 frees gathered parameters after forward (ZeRO-3) or keeps
             them until backward (ZeRO-2-like, more memory, fewer all-gathers).
         loss_parallel: keep logits vocabulary-sharded into the cross-entropy (no full logits per rank).
+        meta_init: build the model on the meta device and initialise each rank's shards after
+            sharding, each parameter drawn from its own seeded generator (the same weights at
+            every layout). Needed when the full model does not fit one process (FLM-101B,
+            Tele-FLM). Without it every rank builds the full model first and starts from exactly
+            the weights of a one-process run.
     """
 
     def __init__(
@@ -75,6 +82,7 @@ class FLMParallelStrategy(ModelParallelStrategy):
         reduce_dtype: str = "float32",
         reshard_after_forward: bool = True,
         loss_parallel: bool = True,
+        meta_init: bool = False,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = timedelta(minutes=30),
     ) -> None:
@@ -88,6 +96,7 @@ class FLMParallelStrategy(ModelParallelStrategy):
         self.fsdp = dict(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                          reshard_after_forward=reshard_after_forward)
         self.loss_parallel = loss_parallel
+        self.meta_init = meta_init
         self.dims: Optional[ParallelDims] = None
 
     # ---- layout ---------------------------------------------------------------------------------
@@ -112,6 +121,18 @@ class FLMParallelStrategy(ModelParallelStrategy):
         # The pipeline schedule runs forward and backward itself: one manual step for every layout.
         module.automatic_optimization = False
         rank_zero_info(f"FLMParallelStrategy: {self.dims} on {self.world_size} processes ({self.root_device.type})")
+
+    @property
+    def init_seed(self) -> int:
+        """Seed of meta_init's per-parameter generators: the run's seed_everything value."""
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+        """`configure_model` runs in here: on the meta device with meta_init (materialised after sharding)."""
+        device = torch.device("meta") if self.meta_init or empty_init else nullcontext()
+        with device, self.precision_plugin.tensor_init_context():
+            yield
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
