@@ -186,3 +186,24 @@ def test_tied_embedding_resumes_from_pipeline_to_one_process(config, reference, 
     folder = _save_at_step_5(config, tmp_path, "2x1x1", FLM_101B_FAMILY)
     resumed = _losses(config, tmp_path / "one", "1x1x1", FLM_101B_FAMILY, ckpt_path=str(folder))
     assert _max_diff(resumed, reference["flm101b"][5:]) < TOL
+
+
+@pytest.mark.parametrize("preset,overlay", [
+    ("conf/tiny.yaml", "conf/layouts/cpu_2x2x2.yaml"),
+    ("conf/flm_101b.yaml", "conf/layouts/flm_101b_192gpu.yaml"),
+    ("conf/tele_flm_52b.yaml", "conf/layouts/tele_flm_52b_896gpu.yaml"),
+    ("conf/tele_flm_1t.yaml", "conf/layouts/tele_flm_1t_896gpu.yaml"),
+])
+def test_published_layouts_fit_their_models(preset, overlay):
+    """The ready layout overlays pass the strategy's checks for their preset (no process started)."""
+    from flm_lightning.tools.configs import load_yaml, model_config_from_yaml
+
+    arch, seq_len = model_config_from_yaml(preset)
+    trainer = load_yaml(overlay)["trainer"]
+    strategy = trainer["strategy"]["init_args"]
+    dims = ParallelDims.infer(trainer["devices"] * trainer.get("num_nodes", 1), tp=strategy["tensor_parallel_size"],
+                              pp=strategy["pipeline_parallel_size"])
+    check_layout(dims, arch, seq_len=seq_len, micro_batches=strategy["micro_batches"], schedule=strategy["schedule"],
+                 batch_size=load_yaml(overlay)["data"]["init_args"]["batch_size"])
+    expected = {"conf/flm_101b.yaml": (4, 12, 4), "conf/tele_flm_52b.yaml": (2, 112, 4), "conf/tele_flm_1t.yaml": (28, 1, 32)}
+    assert dims.shape == expected.get(preset, (2, 2, 2))
