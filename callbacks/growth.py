@@ -25,14 +25,12 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from flm_lightning.errors import ConfigError
 from flm_lightning.growth import check_growth, layer_order
 from flm_lightning.model import ModelConfig, count_model
-from flm_lightning.objective import freelm_loss
 from flm_lightning.optim import LR_POLICIES
 
 
@@ -105,6 +103,12 @@ class GrowthCallback(Callback):
                 layer_order(current.n_layers, target.n_layers, s.depth_mode, s.depth_init, s.layer_order)
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
+            check_target = getattr(trainer.strategy, "check_growth_target", None)  # FLMParallelStrategy
+            if check_target is not None:
+                try:
+                    check_target(target, s.ramp_steps)
+                except ConfigError as e:
+                    raise ConfigError(f"{where}: {e}") from None
             self._steps.append(step)
             self._targets.append(target)
             previous_end, current = step + s.ramp_steps, target
@@ -112,9 +116,9 @@ class GrowthCallback(Callback):
     @staticmethod
     def _tokens_per_step(trainer: L.Trainer) -> Optional[int]:
         dm = getattr(trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "batch_size") or not hasattr(dm, "seq_len"):
+        if dm is None or not hasattr(dm, "global_batch") or not hasattr(dm, "seq_len"):
             return None
-        return dm.batch_size * dm.seq_len * trainer.accumulate_grad_batches * trainer.world_size
+        return dm.global_batch() * dm.seq_len
 
     # ---- growing --------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -122,12 +126,12 @@ class GrowthCallback(Callback):
             return
         s, target = self.stages[self.applied], self._targets[self.applied]
         pl_module.advance_growth_ramp(trainer.global_step)  # the function this step would train
-        before = self._batch_loss(pl_module, batch)
+        before = pl_module.eval_loss(batch)
         pl_module.apply_growth(
             target, mode=s.depth_mode, init=s.depth_init, order=s.layer_order, ramp_steps=s.ramp_steps,
             lr_policy=s.lr_policy, rewarmup_steps=s.rewarmup_steps, optimizer_step=s.optimizer_step, seed=s.seed,
         )
-        after = self._batch_loss(pl_module, batch)
+        after = pl_module.eval_loss(batch)
         self.applied += 1
         size = count_model(target)
         metrics = {
@@ -143,16 +147,6 @@ class GrowthCallback(Callback):
             f"growth {self.applied} at step {trainer.global_step}: {size.parameters:,} parameters, "
             f"loss {before:.5f} -> {after:.5f}"
         )
-
-    @staticmethod
-    @torch.no_grad()
-    def _batch_loss(pl_module: L.LightningModule, batch: dict) -> float:
-        training = pl_module.model.training
-        pl_module.model.eval()
-        try:
-            return float(freelm_loss(pl_module.model(batch["input_ids"], position_ids=batch.get("position_ids")), batch).loss)
-        finally:
-            pl_module.model.train(training)
 
     def state_dict(self) -> dict[str, Any]:
         return {"applied": self.applied}

@@ -26,6 +26,7 @@ from flm_lightning.mup import MuP, MuPConfig
 from flm_lightning.objective import LossParts, freelm_loss
 from flm_lightning.growth import GrowthMasks, MaskPlan, grow, mask_value, transfer_adam_state
 from flm_lightning.optim import LR_POLICIES, OptimConfig, build_adamw, build_scheduler
+from flm_lightning.parallel.growth import full_optimizer_state, gather_for_growth, load_full_optimizer_state
 from flm_lightning.parallel.parallelize import initialize_sharded
 from flm_lightning.parallel.runtime import ParallelRuntime
 from flm_lightning.parallel.strategy import FLMParallelStrategy
@@ -140,31 +141,49 @@ class FLMLightningModule(L.LightningModule):
         return MuP(self.mup_cfg, self.arch, self.optim_cfg.lr) if self.mup_cfg is not None else None
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
+        if self.model is None:
+            self._build(self.arch, initial_weights=True)
+
+    def _build(self, arch: ModelConfig, initial_weights: bool) -> None:
+        """Build the network at `arch`, initialised (μP, and `init_from` when initial_weights), and
+        split/sharded under FLMParallelStrategy."""
         strategy = self.trainer.strategy if self._trainer is not None else None
-        self.model = FLMTransformer(self.arch)  # on the meta device under FLMParallelStrategy(meta_init=True)
+        load = self.init_from if initial_weights else None
+        self.model = FLMTransformer(arch)  # on the meta device under FLMParallelStrategy(meta_init=True)
         if not isinstance(strategy, FLMParallelStrategy):
-            self._initialize()
+            self._initialize(load)
             return
         on_meta = any(p.is_meta for p in self.model.parameters())
         if not on_meta:
-            self._initialize()  # every rank the same full model (same seed): layouts start identical
+            self._initialize(load)  # every rank the same full model (same seed): layouts start identical
         self.parallel = strategy.parallelize(self.model)  # split, shard, wrap
         if on_meta:
             self.model.to_empty(device=strategy.root_device)
             self.model.rotary.reset_tables()
             init_std = self.mup.init_std if self.mup is not None else self.model.init_std
             initialize_sharded(self.model, init_std, seed=strategy.init_seed)
-            if self.init_from:
-                self._load_initial_weights(self.init_from)
+            if load:
+                self._load_initial_weights(load)
 
-    def _initialize(self) -> None:
+    def prepare_checkpoint_shape(self, checkpoint: dict[str, Any]) -> None:
+        """Before a sharded checkpoint loads: rebuild (and re-shard) the network at the checkpoint's grown
+        architecture, with a fresh optimizer to receive its state. Called by FLMParallelStrategy."""
+        saved = ModelConfig.from_dict(checkpoint["hyper_parameters"]["arch"])
+        if saved.function_fields() == self.arch.function_fields() or not (checkpoint.get("flm_growth") or {}).get("history"):
+            return  # same shape, or a mismatch that on_load_checkpoint reports
+        self.arch = saved
+        with self.trainer.strategy.tensor_init_context():
+            self._build(saved, initial_weights=False)
+        self.flops_per_batch = None
+        if self.trainer.training:
+            self.trainer.strategy.setup_optimizers(self.trainer)
+
+    def _initialize(self, init_from: Optional[str]) -> None:
         """μP initialisation, then the weights of `init_from` when given."""
         if self.mup is not None:
             self.mup.initialize(self.model)
-        if self.init_from:
-            self._load_initial_weights(self.init_from)
+        if init_from:
+            self._load_initial_weights(init_from)
 
     def _load_initial_weights(self, path: str) -> None:
         ckpt = load_checkpoint(path)
@@ -238,6 +257,19 @@ class FLMLightningModule(L.LightningModule):
         if parts.lm_tokens > 0:
             self._update_val_lm(parts.lm_loss, parts.lm_tokens, dataloader_idx)
 
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> float:
+        """This rank's loss of `batch` with dropout off (under pipeline parallelism, from the last stage)."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            if self.parallel is not None:
+                loss_sum, tokens, _ = self.parallel.eval_step(batch)
+                return float(loss_sum / tokens.clamp(min=1))
+            return float(self._loss(batch).loss)
+        finally:
+            self.model.train(training)
+
     def _update_val_lm(self, loss: torch.Tensor, tokens: torch.Tensor, dataloader_idx: int) -> None:
         # Token-weighted means: an epoch value is the loss over all validation tokens.
         self.val_loss.update(loss, weight=tokens)
@@ -295,10 +327,11 @@ class FLMLightningModule(L.LightningModule):
                 if p.grad is not None:
                     p.grad.mul_(coef)
 
-    def build_optimizer(self) -> torch.optim.AdamW:
-        """AdamW for the current network: μP groups (LR per role) when μP is on."""
-        groups = self.mup.param_groups(self.model, self.optim_cfg.weight_decay) if self.mup is not None else None
-        return build_adamw(self.model, self.optim_cfg, groups)
+    def build_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.AdamW:
+        """AdamW for `model` (default: the current network): μP groups (LR per role) when μP is on."""
+        model = model if model is not None else self.model
+        groups = self.mup.param_groups(model, self.optim_cfg.weight_decay) if self.mup is not None else None
+        return build_adamw(model, self.optim_cfg, groups)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.build_optimizer()
@@ -316,8 +349,7 @@ class FLMLightningModule(L.LightningModule):
         trainer (offline growth) the caller does that with the returned (old model, origins).
         """
         if self.parallel is not None:
-            raise ConfigError("growth under FLMParallelStrategy is not supported yet: grow offline between stages "
-                              "(python -m flm_lightning grow on a consolidated checkpoint)")
+            self.trainer.strategy.check_growth_target(target, ramp_steps)
         step = self.global_step if step is None else step
         self.advance_growth_ramp(step)  # a ramp that ends exactly now is folded first
         if self.growth_ramp is not None:
@@ -327,21 +359,31 @@ class FLMLightningModule(L.LightningModule):
             )
         if lr_policy not in LR_POLICIES:
             raise ConfigError(f"lr_policy must be one of {list(LR_POLICIES)}, got {lr_policy!r}")
+        in_fit = self._trainer is not None and self.trainer.training
         old_model, old_arch = self.model, self.arch
+        old_opt = self.trainer.optimizers[0] if in_fit else None
+        if self.parallel is not None:  # grow a gathered full copy, exactly as one process would
+            old_model, old_opt = gather_for_growth(self.parallel, self.model, old_opt, old_arch, self.build_optimizer)
         initialize = MuP(self.mup_cfg, target, self.optim_cfg.lr).initialize if self.mup_cfg is not None else None
         grown, origin, sources, plan = grow(old_model, target, mode=mode, init=init, order=order, seed=seed,
                                             initialize=initialize)
         self.model, self.arch = grown, target
         self.flops_per_batch = None
-        self._masks = GrowthMasks(grown, plan, m=0.0)
         self.growth_ramp = {"plan": asdict(plan), "start_step": step, "ramp_steps": ramp_steps}
         self.lr_events.append({"step": step, "policy": lr_policy, "rewarmup_steps": rewarmup_steps})
         self.growth_history.append({"step": step, "from": old_arch.to_dict(), "to": target.to_dict(),
                                     "layer_sources": [str(x) for x in sources]})
-        if self._trainer is not None and self.trainer.training:
-            old_opt = self.trainer.optimizers[0]
+        if in_fit and self.parallel is not None:
+            grown_opt = self.build_optimizer(grown)
+            transfer_adam_state(old_opt, old_model, grown_opt, grown, origin, optimizer_step)
+            state = full_optimizer_state(grown, grown_opt)
+            self.parallel = self.trainer.strategy.parallelize(grown)  # split and shard the grown model
+            self.trainer.strategy.setup_optimizers(self.trainer)  # configure_optimizers on the sharded model
+            load_full_optimizer_state(self.model, self.trainer.optimizers[0], state)
+        elif in_fit:
             self.trainer.strategy.setup_optimizers(self.trainer)  # configure_optimizers on the grown model
             transfer_adam_state(old_opt, old_model, self.trainer.optimizers[0], grown, origin, optimizer_step)
+        self._masks = GrowthMasks(self.model, plan, m=0.0)  # after sharding: hooks on this rank's modules
         if self.growth_ramp["ramp_steps"] <= 0:
             self._fold_masks()
         return old_model, origin

@@ -207,3 +207,34 @@ def test_published_layouts_fit_their_models(preset, overlay):
                  batch_size=load_yaml(overlay)["data"]["init_args"]["batch_size"])
     expected = {"conf/flm_101b.yaml": (4, 12, 4), "conf/tele_flm_52b.yaml": (2, 112, 4), "conf/tele_flm_1t.yaml": (28, 1, 32)}
     assert dims.shape == expected.get(preset, (2, 2, 2))
+
+
+def _growth(ramp_steps: int) -> list[str]:
+    """Width (64 -> 96, heads 4 -> 6) and depth (4 -> 6) growth at step 4."""
+    stage = ('{"at_step": 4, "arch": {"hidden_size": 96, "n_heads": 6, "n_layers": 6}, '
+             f'"ramp_steps": {ramp_steps}, "rewarmup_steps": 2}}')
+    return [f'--trainer.callbacks+={{"class_path": "flm_lightning.callbacks.GrowthCallback", '
+            f'"init_args": {{"stages": [{stage}]}}}}']
+
+
+@pytest.mark.parametrize("layouts,ramp_steps", [(["1x2x1", "2x1x1"], 3), (["1x1x2", "2x2x2"], 0)])
+def test_growth_under_the_strategy_is_the_one_process_growth(config, tmp_path, layouts, ramp_steps):
+    """Gather, grow, re-shard: FSDP and pipeline layouts (with the mask ramp) and tensor parallel ones
+    (without) train the grown model exactly as one process does, AdamW state carried over."""
+    plain = train_layout(config, layout_overrides(None, GLOBAL_BATCH, STEPS) + _growth(ramp_steps), None)["train"]
+    for layout in layouts:
+        assert _max_diff(_losses(config, tmp_path / layout, layout, _growth(ramp_steps)), plain) < TOL, layout
+
+
+def test_resume_mid_growth_ramp_at_another_layout(config, tmp_path):
+    """A checkpoint of a grown model inside its ramp (step 5 of 4..7), saved at pp2 x dp2, resumes at dp2."""
+    plain = train_layout(config, layout_overrides(None, GLOBAL_BATCH, STEPS) + _growth(3), None)["train"]
+    folder = _save_at_step_5(config, tmp_path, "2x2x1", _growth(3))
+    resumed = _losses(config, tmp_path / "resumed", "1x2x1", _growth(3), ckpt_path=str(folder))
+    assert _max_diff(resumed, plain[5:]) < TOL
+
+
+def test_growth_that_does_not_fit_the_layout_stops_before_training(config, tmp_path):
+    with pytest.raises(Exception):
+        _losses(config, tmp_path, "1x1x2", _growth(3))
+    assert "ramp_steps > 0) under tensor_parallel_size > 1 is not supported" in (tmp_path / "1x1x2-logs" / "rank0.log").read_text()

@@ -213,6 +213,8 @@ class GrowthMasks:
             if model.norm is not None:
                 hook(model.norm.register_forward_hook(self._norm()))
         for index in p.new_layers:
+            if str(index) not in model.layers:
+                continue  # held by another pipeline stage
             layer = model.layers[str(index)]
             hook(layer.attention.register_forward_hook(self._scale_branch()))
             hook(layer.feed_forward.register_forward_hook(self._scale_branch()))

@@ -107,6 +107,14 @@ class FLMParallelStrategy(ModelParallelStrategy):
                      stages_per_rank=self.stages_per_rank, layout=self.layout, batch_size=batch_size)
         return dims
 
+    def check_growth_target(self, arch: ModelConfig, ramp_steps: int) -> None:
+        """Raise ConfigError if growing to `arch` cannot run at the current layout."""
+        check_layout(self.dims, arch, micro_batches=self.micro_batches, schedule=self.schedule,
+                     stages_per_rank=self.stages_per_rank, layout=self.layout)
+        if self.dims.tp > 1 and ramp_steps > 0:
+            raise ConfigError("a growth mask ramp (ramp_steps > 0) under tensor_parallel_size > 1 is not supported "
+                              "yet: use ramp_steps: 0, or tensor_parallel_size: 1 for the growing stage")
+
     def setup_environment(self) -> None:
         module = self.lightning_module
         trainer = module.trainer
@@ -196,7 +204,9 @@ class FLMParallelStrategy(ModelParallelStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         if not is_distributed_checkpoint(path):
             raise CheckpointError(f"{path} is not a distributed checkpoint folder of FLMParallelStrategy "
-                                  f"(no {METADATA} / .metadata); convert a single-file checkpoint with model.init_from")
+                                  f"(no {METADATA} / .metadata); start from a single-file checkpoint with model.init_from")
+        meta = torch.load(path / METADATA, weights_only=weights_only is not False)
+        self.lightning_module.prepare_checkpoint_shape(meta)  # a grown run: rebuild at its shape first
         state: dict[str, Any] = {"state_dict": get_model_state_dict(self.model)}
         for i, optimizer in enumerate(self.optimizers):
             state[f"optimizer_{i}"] = get_optimizer_state_dict(self.model, optimizer, options=OPTIMIZER_OPTIONS)
@@ -204,4 +214,4 @@ class FLMParallelStrategy(ModelParallelStrategy):
         set_model_state_dict(self.model, state["state_dict"])
         for i, optimizer in enumerate(self.optimizers):
             set_optimizer_state_dict(self.model, optimizer, state[f"optimizer_{i}"], options=OPTIMIZER_OPTIONS)
-        return torch.load(path / METADATA, weights_only=weights_only is not False)
+        return meta
