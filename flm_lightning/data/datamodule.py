@@ -132,7 +132,7 @@ class MixtureDataModule(L.LightningDataModule):
         if trainer is None:
             return 0, 1, 1
         # Data-parallel rank and size: tensor and pipeline peers read the same samples.
-        shard = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        shard = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None) or {}
         return shard.get("rank", trainer.global_rank), shard.get("num_replicas", trainer.world_size), \
             trainer.accumulate_grad_batches
 
