@@ -79,6 +79,12 @@ def test_layout_reproduces_single_process_losses(config, reference, tmp_path, fa
     assert _max_diff(losses, reference[family]) < TOL
 
 
+def test_bf16_parameters_with_fp32_reduction_track_the_fp32_run(config, reference, tmp_path):
+    """FSDP2 mixed precision (bf16 compute, fp32 gradient reduction) at pp2 x dp2 x tp2: bf16 rounding only."""
+    losses = _losses(config, tmp_path, "2x2x2", ["--trainer.strategy.init_args.param_dtype=bfloat16"])
+    assert 0 < _max_diff(losses, reference["teleflm"]) < 5e-3
+
+
 def test_mup_groups_survive_sharding(config, tmp_path):
     mup = ["--model.mup.base_hidden_size=32", "--model.mup.matrix_lr=1e-2"]
     plain = train_layout(config, layout_overrides(None, GLOBAL_BATCH, STEPS) + mup, None)["train"]
