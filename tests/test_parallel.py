@@ -244,3 +244,27 @@ def test_growth_that_does_not_fit_the_layout_stops_before_training(config, tmp_p
     with pytest.raises(Exception):
         _losses(config, tmp_path, "1x1x2", _growth(3))
     assert "ramp_steps > 0) under tensor_parallel_size > 1 is not supported" in (tmp_path / "1x1x2-logs" / "rank0.log").read_text()
+
+
+def test_main_py_launches_the_layout_and_resumes_from_last(config, tmp_path):
+    """The user's path: `python main.py fit` starts the ranks itself (Lightning's launcher), writes
+    TensorBoard logs and checkpoint folders, and `--ckpt_path last` continues."""
+    import subprocess
+    import sys
+
+    run = [sys.executable, "main.py", "fit", "-c", config, "--trainer.devices=2", "--trainer.use_distributed_sampler=false",
+           "--trainer.strategy=flm_lightning.parallel.FLMParallelStrategy",
+           "--trainer.strategy.init_args.data_parallel_size=2", "--data.init_args.batch_size=4",
+           "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
+           "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+           f"--trainer.callbacks.dirpath={tmp_path / 'ckpts'}", "--trainer.callbacks.every_n_train_steps=3",
+           "--trainer.callbacks.save_last=true", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=2",
+           "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=1"]
+    first = subprocess.run([*run, "--trainer.max_steps=3"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (tmp_path / "ckpts" / "last.ckpt" / ".metadata").is_file()
+    second = subprocess.run([*run, "--trainer.max_steps=6", "--ckpt_path=last"], capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert [(p / ".metadata").is_file() for p in (tmp_path / "ckpts").glob("*step=6.ckpt")] == [True]
+    assert list(tmp_path.glob("lightning_logs/version_*/events.out.tfevents.*"))
