@@ -24,6 +24,7 @@ from flm_lightning.model import FLMTransformer, ModelConfig, count_model
 from flm_lightning.mup import MuP, MuPConfig
 from flm_lightning.objective import LossParts, freelm_loss
 from flm_lightning.growth import GrowthMasks, MaskPlan, grow, mask_value, transfer_adam_state
+from flm_lightning.parallel.compute import apply_activation_checkpointing, apply_compile, check_checkpoint_mode
 from flm_lightning.optim import LR_POLICIES, OptimConfig, build_adamw, build_scheduler
 
 
@@ -70,6 +71,9 @@ class FLMLightningModule(L.LightningModule):
         init_from: start from the weights of this checkpoint (e.g. from `import-hf` or another
             run) with a fresh optimizer and schedule; unlike `--ckpt_path`, nothing else resumes.
         mup: μP parametrization (initialisation and per-role learning rates; see `flm_lightning.mup`).
+        activation_checkpointing: "none", "full" (recompute whole blocks) or "selective" (keep
+            matmul and attention outputs, recompute the rest); see `flm_lightning.parallel.compute`.
+        compile: `torch.compile` each transformer block (after activation checkpointing).
     """
 
     def __init__(
@@ -78,6 +82,8 @@ class FLMLightningModule(L.LightningModule):
         optim: Optional[OptimConfig] = None,
         init_from: Optional[str] = None,
         mup: Optional[MuPConfig] = None,
+        activation_checkpointing: str = "none",
+        compile: bool = False,
     ):
         super().__init__()
         self.arch: ModelConfig = _as_config(arch or ModelConfig(), ModelConfig)
@@ -88,12 +94,17 @@ class FLMLightningModule(L.LightningModule):
         if self.mup_cfg is not None:
             MuP(self.mup_cfg, self.arch, self.optim_cfg.lr)  # a bad pairing fails now, before any state exists
         self.init_from = init_from
+        check_checkpoint_mode(activation_checkpointing)
+        self.activation_checkpointing = activation_checkpointing
+        self.compile_blocks = compile
         # Plain containers only, so checkpoints load with weights_only=True.
         self.save_hyperparameters({
             "arch": self.arch.to_dict(),
             "optim": self.optim_cfg.to_dict(),
             "init_from": init_from,
             "mup": asdict(self.mup_cfg) if self.mup_cfg is not None else None,
+            "activation_checkpointing": activation_checkpointing,
+            "compile": compile,
         })
         self.model: Optional[FLMTransformer] = None
         self.flops_per_batch: Optional[int] = None
@@ -141,6 +152,13 @@ class FLMLightningModule(L.LightningModule):
                 self.mup.initialize(self.model)
             if self.init_from:
                 self._load_initial_weights(self.init_from)
+            self._apply_compute(self.model)
+
+    def _apply_compute(self, model: FLMTransformer) -> None:
+        """Activation checkpointing, then compile (torchtitan's order); also after growth rebuilds."""
+        apply_activation_checkpointing(model, self.activation_checkpointing)
+        if self.compile_blocks:
+            apply_compile(model)
 
     def _load_initial_weights(self, path: str) -> None:
         ckpt = load_checkpoint(path)
@@ -257,6 +275,7 @@ class FLMLightningModule(L.LightningModule):
         grown, origin, sources, plan = grow(old_model, target, mode=mode, init=init, order=order, seed=seed,
                                             initialize=initialize)
         self.model, self.arch = grown, target
+        self._apply_compute(grown)
         self.flops_per_batch = None
         self._masks = GrowthMasks(grown, plan, m=0.0)
         self.growth_ramp = {"plan": asdict(plan), "start_step": step, "ramp_steps": ramp_steps}
@@ -311,6 +330,7 @@ class FLMLightningModule(L.LightningModule):
             self.arch = saved
             with torch.device(device or "cpu"):
                 self.model = FLMTransformer(saved)
+            self._apply_compute(self.model)
             self.flops_per_batch = None
         self.lr_events[:] = growth.get("lr_events", [])
         self.growth_history = growth.get("history", [])

@@ -1,0 +1,213 @@
+"""Attention backends, activation checkpointing, compile, lean cross-entropy, fused AdamW."""
+
+import logging
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from flm_lightning.errors import ConfigError
+from flm_lightning.model import FLMTransformer
+from flm_lightning.model.attention import attend, math_attention
+from flm_lightning.module import FLMLightningModule
+from flm_lightning.objective import token_cross_entropy
+from flm_lightning.optim import OptimConfig, build_adamw, param_groups
+from flm_lightning.parallel.compute import apply_activation_checkpointing, apply_compile
+from tests.conftest import tiny_config
+
+
+def document_mask(bsz: int, seq: int, boundaries: list[int]) -> torch.Tensor:
+    """Causal within documents: [B, 1, T, T] bool, documents starting at `boundaries`."""
+    doc = torch.zeros(seq, dtype=torch.long)
+    for b in boundaries:
+        doc[b:] += 1
+    same = doc[:, None] == doc[None, :]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    return (same & causal).expand(bsz, 1, seq, seq)
+
+
+def loss_and_grads(model, tokens, mask=None):
+    model.zero_grad(set_to_none=True)
+    logits = model(tokens, attention_mask=mask)
+    loss = F.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten())
+    loss.backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "document-mask"])
+def test_sdpa_matches_reference_math_attention(family, masked):
+    """Both families (RoPE and xPos), fp32: logits and gradients of sdpa equal the written-out softmax."""
+    torch.manual_seed(0)
+    cfg = tiny_config(family)
+    reference = FLMTransformer(replace(cfg, attention_backend="math"))
+    fast = FLMTransformer(cfg)
+    fast.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24))
+    mask = document_mask(2, 24, [9, 17]) if masked else None
+    ref_logits, ref_grads = loss_and_grads(reference, tokens, mask)
+    logits, grads = loss_and_grads(fast, tokens, mask)
+    assert torch.allclose(logits, ref_logits, atol=2e-6, rtol=0)
+    assert max((grads[n] - ref_grads[n]).abs().max().item() for n in grads) < 1e-6
+
+
+def test_backends_agree_on_kv_cache_queries():
+    """Queries that are the last of the keys (generation) see every earlier key on both backends."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 10, 8), torch.randn(2, 3, 10, 8)
+    out = attend(q, k, v, "sdpa")
+    assert torch.allclose(out, attend(q, k, v, "math"), atol=1e-6)
+    last = torch.softmax(q[:, :, -1:] @ k.transpose(-2, -1) / 8**0.5, dim=-1) @ v  # the last query sees all keys
+    assert torch.allclose(out[:, :, -1:], last, atol=1e-6)
+    assert torch.allclose(math_attention(q, k, v)[:, :, :1], attend(q[:, :, :1], k[:, :, :7], v[:, :, :7], "math"), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend, package", [("flash", "flash_attn"), ("te", "transformer_engine")])
+def test_gpu_backends_on_cpu_fail_clearly(backend, package):
+    model = FLMTransformer(tiny_config("teleflm", attention_backend=backend))
+    with pytest.raises(ConfigError, match=f"model.arch.attention_backend={backend} cannot run: the {package} package "
+                                          rf"is not installed \(pip install 'flm-lightning\[{backend}\]'"):
+        model(torch.randint(0, 100, (1, 8)))
+
+
+def test_unknown_backend_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.arch.attention_backend must be one of"):
+        tiny_config("teleflm", attention_backend="xformers")
+
+
+def test_auto_falls_back_to_sdpa_on_cpu_and_says_so(caplog):
+    torch.manual_seed(0)
+    cfg = tiny_config("flm101b")
+    auto = FLMTransformer(replace(cfg, attention_backend="auto"))
+    sdpa = FLMTransformer(cfg)
+    sdpa.load_state_dict(auto.state_dict())
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    with caplog.at_level(logging.INFO, logger="flm_lightning.model.attention"):
+        out = auto(tokens)
+    assert torch.equal(out, sdpa(tokens))
+    assert any("auto -> sdpa on cpu" in r.getMessage() and "flash_attn package is not installed" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_backend_is_not_a_function_field():
+    cfg = tiny_config("teleflm")
+    assert replace(cfg, attention_backend="flash").function_fields() == cfg.function_fields()
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_loss_gradients_and_names(family, mode):
+    torch.manual_seed(0)
+    cfg = tiny_config(family)
+    model = FLMTransformer(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    names = list(model.state_dict())
+    logits, grads = loss_and_grads(model, tokens)
+    apply_activation_checkpointing(model, mode)
+    assert all(type(b).__name__ == "CheckpointedTransformerBlock" for b in model.layers.values())
+    ac_logits, ac_grads = loss_and_grads(model, tokens)
+    assert list(model.state_dict()) == names and list(ac_grads) == list(grads)
+    assert torch.allclose(ac_logits, logits, atol=1e-6, rtol=0)
+    assert max((ac_grads[n] - grads[n]).abs().max().item() for n in grads) < 1e-6
+    apply_activation_checkpointing(model, "none")
+    assert all(type(b).__name__ == "TransformerBlock" for b in model.layers.values())
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct storages autograd keeps for backward while running fn."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_selective_recomputes_no_matmul_and_full_recomputes_the_forward():
+    """Matmul FLOPs of the backward pass: selective serves them from what it kept, full runs them again."""
+    torch.manual_seed(0)
+    cfg = tiny_config("teleflm")
+    model = FLMTransformer(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    backward_flops, forward_flops = {}, {}
+    for mode in ("none", "selective", "full"):
+        apply_activation_checkpointing(model, mode)
+        with FlopCounterMode(display=False) as forward:
+            loss = model(tokens).sum()
+        with FlopCounterMode(display=False) as backward:
+            loss.backward()
+        forward_flops[mode], backward_flops[mode] = forward.get_total_flops(), backward.get_total_flops()
+    blocks = forward_flops["none"] - 2 * 2 * 16 * cfg.hidden_size * cfg.padded_vocab_size  # minus the output head
+    assert backward_flops["selective"] == backward_flops["none"] == 2 * forward_flops["none"]
+    # Full recomputes each block up to its last saved tensor: every matmul but the final w2.
+    w2 = 2 * 2 * 16 * cfg.ffn_size * cfg.hidden_size * cfg.n_layers
+    assert backward_flops["full"] == backward_flops["none"] + blocks - w2
+
+
+def test_compile_keeps_names_and_outputs():
+    torch.manual_seed(0)
+    cfg = tiny_config("teleflm")
+    model = FLMTransformer(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    names, expected = list(model.state_dict()), model(tokens)
+    apply_activation_checkpointing(model, "full")
+    apply_compile(model, backend="eager")  # dynamo tracing without a C++ build: fast on CPU
+    assert list(model.state_dict()) == names
+    assert torch.allclose(model(tokens), expected, atol=1e-6)
+
+
+def test_module_applies_checkpointing_and_rejects_unknown_modes():
+    module = FLMLightningModule(arch=tiny_config("teleflm"), activation_checkpointing="selective")
+    module.configure_model()
+    assert all(b.checkpoint_mode == "selective" for b in module.model.layers.values())
+    with pytest.raises(ConfigError, match="model.activation_checkpointing must be one of"):
+        FLMLightningModule(arch=tiny_config("teleflm"), activation_checkpointing="some")
+
+
+def test_lean_cross_entropy_matches_plain_fp32_values_and_gradients():
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 40, 700) * 3).bfloat16().requires_grad_()
+    labels = torch.randint(0, 700, (3, 40))
+    labels[0, :4] = -100  # ignored targets give 0 loss and 0 gradient, as in F.cross_entropy
+    weights = torch.rand(3, 40)
+    lean = token_cross_entropy(logits, labels)
+    (lean * weights).sum().backward()
+    lean_grad, logits.grad = logits.grad, None
+    plain = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
+    (plain * weights).sum().backward()
+    assert lean.dtype == torch.float32 and torch.allclose(lean, plain, atol=4e-6, rtol=0)
+    assert lean_grad.dtype == torch.bfloat16
+    # Same fp32 gradient, cast once to bf16: at most one rounding step apart.
+    assert (lean_grad.float() - logits.grad.float()).abs().max() <= 2e-6 + 2**-8 * logits.grad.float().abs().max()
+    assert (lean_grad[0, :4] == 0).all()
+
+
+def test_lean_cross_entropy_keeps_no_fp32_logits():
+    logits = torch.randn(256, 4096).bfloat16().requires_grad_()
+    labels = torch.randint(0, 4096, (256,))
+    lean = _saved_bytes(lambda: token_cross_entropy(logits[None], labels[None]).sum())
+    plain = _saved_bytes(lambda: F.cross_entropy(logits.float(), labels, reduction="none").sum())
+    logit_bytes = logits.numel() * 2
+    assert plain >= 2 * logit_bytes  # the fp32 log-softmax
+    assert lean < 1.1 * logit_bytes  # the bf16 logits and one fp32 number per token
+
+
+def test_fused_adamw_on_cpu_matches_the_loop():
+    torch.manual_seed(0)
+    model, reference = FLMTransformer(tiny_config("teleflm")), FLMTransformer(tiny_config("teleflm"))
+    reference.load_state_dict(model.state_dict())
+    cfg = OptimConfig()
+    fused = build_adamw(model, cfg)
+    assert fused.defaults["fused"]
+    loop = torch.optim.AdamW(param_groups(reference.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                             eps=cfg.eps, foreach=False)
+    for step in range(3):
+        for a, b in zip(model.parameters(), reference.parameters()):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), reference.parameters())) < 1e-6
