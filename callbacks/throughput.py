@@ -1,4 +1,11 @@
-"""Training throughput: tokens/s, achieved TFLOP/s and MFU, in TensorBoard and the progress bar."""
+"""Training throughput: tokens/s, achieved TFLOP/s and MFU, in TensorBoard and the progress bar.
+
+Model FLOPs per token (`flm_lightning.model.count_model`, one training step, forward + backward):
+6 x (all Linear weights + the output head) + 12 x n_layers x (heads x head_dim) x seq_len, i.e.
+6N plus the attention score and value matmuls without the causal halving (Megatron / PaLM MFU
+convention). Recomputation (activation checkpointing) is not counted: MFU counts model FLOPs.
+MFU = achieved FLOP/s / peak FLOP/s of the device.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,26 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+# Dense bf16 peak TFLOP/s (no sparsity) by a substring of torch.cuda.get_device_name; first match wins.
+PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM and NVL
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+)
+
+
+def device_peak_tflops(device: torch.device) -> Optional[float]:
+    """The bf16 peak of a known CUDA GPU, else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
 
 class TokenThroughputMonitor(Callback):
@@ -21,7 +48,8 @@ class TokenThroughputMonitor(Callback):
     Args:
         window_size: batches averaged over.
         peak_tflops: the device's peak TFLOP/s per process (e.g. 989 for an H100 SXM in bf16);
-            without it no MFU is logged.
+            default: looked up in `PEAK_TFLOPS` by the CUDA device name; on other devices, or an
+            unknown GPU, no MFU is logged.
     """
 
     def __init__(self, window_size: int = 20, peak_tflops: Optional[float] = None):
@@ -33,7 +61,10 @@ class TokenThroughputMonitor(Callback):
         self._meter: Optional[Throughput] = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        peak = self.peak_tflops * 1e12 if self.peak_tflops else None
+        peak_tflops = self.peak_tflops or device_peak_tflops(pl_module.device)
+        if peak_tflops and not self.peak_tflops:
+            rank_zero_info(f"TokenThroughputMonitor: MFU against {peak_tflops:g} TFLOP/s ({torch.cuda.get_device_name(pl_module.device)})")
+        peak = peak_tflops * 1e12 if peak_tflops else None
         self._meter = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=self.window_size)
         self._start = time.perf_counter()
         self._paused = 0.0

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from flm_lightning.errors import EXIT_USAGE, USER_ERRORS
-from flm_lightning.tools import export_hf, generate, grow, import_hf, info, plan, prepare
+from flm_lightning.tools import bench, export_hf, generate, grow, import_hf, info, plan, prepare
 
 TOOLS = {
     "info": info,
@@ -16,6 +16,7 @@ TOOLS = {
     "export-hf": export_hf,
     "import-hf": import_hf,
     "generate": generate,
+    "bench": bench,
 }
 
 

@@ -1,5 +1,6 @@
 """Attention backends, activation checkpointing, compile, lean cross-entropy, fused AdamW."""
 
+import json
 import logging
 from dataclasses import replace
 
@@ -211,3 +212,49 @@ def test_fused_adamw_on_cpu_matches_the_loop():
         fused.step()
         loop.step()
     assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), reference.parameters())) < 1e-6
+
+
+def _random_batches(n: int, bsz: int, seq: int, vocab: int):
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (n * bsz, seq + 1), generator=generator)
+    rows = [{"input_ids": t[:-1], "labels": t[1:], "loss_mask": torch.ones(seq)} for t in tokens]
+    return torch.utils.data.DataLoader(rows, batch_size=bsz)
+
+
+def test_throughput_monitor_logs_mfu_against_the_given_peak():
+    import lightning as L
+
+    from flm_lightning.callbacks import TokenThroughputMonitor
+
+    module = FLMLightningModule(arch=tiny_config("teleflm"), optim=OptimConfig(warmup_steps=1))
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[TokenThroughputMonitor(window_size=2, peak_tflops=1e-4)])
+    trainer.fit(module, _random_batches(4, 2, 16, 100))
+    metrics = trainer.callback_metrics
+    flops_per_token = module.flops_per_batch / (2 * 16)
+    assert metrics["throughput/tokens_per_sec"] > 0
+    assert metrics["throughput/tflops"].item() == pytest.approx(metrics["throughput/tokens_per_sec"].item() * flops_per_token / 1e12, rel=1e-5)
+    assert metrics["throughput/mfu"].item() == pytest.approx(metrics["throughput/tflops"].item() / 1e-4, rel=1e-5)
+
+
+def test_bench_tool_reports_both_throughputs_and_memory(tmp_path, docs_cache, capsys):
+    import yaml
+
+    from flm_lightning.__main__ import main as tool_main
+    from tests.conftest import TINY
+
+    config = yaml.safe_load(open(TINY))
+    config["data"]["init_args"].update(cache_dir=str(docs_cache), batch_size=4, seq_len=32)
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
+    tool_main(["bench", "-c", str(tmp_path / "bench.yaml"), "--steps", "2", "--warmup", "1", "--repeats", "2",
+               "--json", str(tmp_path / "bench.json")])
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert "trainer tokens/s" in out and "(trainer / loop)" in out and "peak memory: trainer" in out
+    assert len(result["trainer_tokens_per_sec"]) == len(result["loop_tokens_per_sec"]) == 2
+    assert all(v > 0 for v in result["trainer_tokens_per_sec"] + result["loop_tokens_per_sec"])
+    assert result["median_ratio"] == pytest.approx(sorted(result["ratios"])[0] / 2 + sorted(result["ratios"])[1] / 2)
+    assert result["trainer_peak_memory_bytes"] > 0 and result["loop_peak_memory_bytes"] > 0
+    assert (result["batch_size"], result["seq_len"], result["device"]) == (4, 32, "cpu")
+    assert "trainer_mfu" not in result  # no MFU on a CPU without a peak
