@@ -7,6 +7,8 @@ DataModule), the same precision (`torch.autocast` for bf16-mixed), the same Adam
 and clipping. Both are timed from the start of step `--warmup` to the start of step
 `--warmup + --steps`, so data loading and every per-step hook count. The ratio trainer / loop is
 the framework's throughput share (1.0 = no overhead); the median over `--repeats` is reported.
+The same ratio in tokens per second of process CPU time is reported beside it: on a shared CPU
+machine other processes inflate wall times at random, but not the CPU time each side spends.
 
 Peak memory: CUDA `max_memory_allocated`; on a Linux CPU the process's peak resident memory
 (VmHWM) above its resident memory at the start of the run, after returning freed heap to the
@@ -24,9 +26,11 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Optional
+import warnings
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+import yaml
 
 from flm_lightning.errors import ConfigError
 from flm_lightning.model import count_model
@@ -43,39 +47,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="trainer/loop pairs, interleaved")
     parser.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: known GPUs)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value by its dotted key, e.g. model.compile=true or "
+                             "data.init_args.batch_size=8 (repeatable; the value is read as YAML)")
 
 
 def run(args: argparse.Namespace) -> None:
     for name in ("steps", "warmup", "repeats"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             raise ConfigError(f"--{name} must be {'>= 0' if name == 'warmup' else 'a positive integer'}, got {getattr(args, name)}")
-    result = benchmark(args.config, args.steps, args.warmup, args.repeats, args.peak_tflops, progress=print)
+    overrides = [_override(item) for item in args.set]
+    result = benchmark(args.config, args.steps, args.warmup, args.repeats, args.peak_tflops, overrides, progress=print)
     print_report(result)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
 
 
+def _override(item: str) -> tuple[list[str], Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    return key.split("."), yaml.safe_load(value)
+
+
 def benchmark(config: str, steps: int, warmup: int, repeats: int, peak_tflops: Optional[float] = None,
-              progress: Callable[[str], Any] = lambda _: None) -> dict:
+              overrides: Sequence[tuple[list[str], Any]] = (), progress: Callable[[str], Any] = lambda _: None) -> dict:
     """Interleaved trainer / loop runs; tokens/s of each, their ratios and peak memory."""
+    values = load_yaml(config)
+    for keys, value in overrides:
+        section = values
+        for key in keys[:-1]:
+            section = section.setdefault(key, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"--set {'.'.join(keys)}: {key} is not a mapping in {config}")
+        section[keys[-1]] = value
     trainer_runs, loop_runs = [], []
     with tempfile.TemporaryDirectory(prefix="flm-bench-") as logs:
-        _trainer_run(config, 1, 0, logs)  # prepares the data and imports what the first run would pay for
+        _trainer_run(values, 1, 0, logs)  # prepares the data and imports what the first run would pay for
         for repeat in range(repeats):
-            trainer_runs.append(_trainer_run(config, steps, warmup, logs))
-            loop_runs.append(_loop_run(config, steps, warmup, logs))
+            trainer_runs.append(_trainer_run(values, steps, warmup, logs))
+            loop_runs.append(_loop_run(values, steps, warmup, logs))
             progress(f"repeat {repeat + 1}/{repeats}: trainer {trainer_runs[-1]['tokens_per_sec']:,.0f} tokens/s, "
                      f"loop {loop_runs[-1]['tokens_per_sec']:,.0f} tokens/s")
     first = trainer_runs[0]
     ratios = [t["tokens_per_sec"] / l["tokens_per_sec"] for t, l in zip(trainer_runs, loop_runs)]
+    # Tokens per second of process CPU time: what each side costs, unaffected by other processes
+    # that take the cores away (a shared machine); on a GPU the wall-clock ratio is the one to read.
+    cpu_ratios = [t["tokens_per_cpu_sec"] / l["tokens_per_cpu_sec"] for t, l in zip(trainer_runs, loop_runs)]
     result = {
-        "config": config, "device": first["device"], "precision": first["precision"], "threads": torch.get_num_threads(),
+        "config": config, "overrides": [f"{'.'.join(k)}={json.dumps(v)}" for k, v in overrides],
+        "device": first["device"], "precision": first["precision"], "threads": torch.get_num_threads(),
         "parameters": first["parameters"], "batch_size": first["batch_size"], "seq_len": first["seq_len"],
         "steps": steps, "warmup": warmup, "repeats": repeats,
         "trainer_tokens_per_sec": [r["tokens_per_sec"] for r in trainer_runs],
         "loop_tokens_per_sec": [r["tokens_per_sec"] for r in loop_runs],
         "ratios": ratios, "median_ratio": statistics.median(ratios),
+        "cpu_ratios": cpu_ratios, "median_cpu_ratio": statistics.median(cpu_ratios),
         "trainer_peak_memory_bytes": _median_known(r["peak_memory_bytes"] for r in trainer_runs),
         "loop_peak_memory_bytes": _median_known(r["peak_memory_bytes"] for r in loop_runs),
     }
@@ -100,14 +128,16 @@ def _device_peak(device: str) -> Optional[float]:
 
 
 def print_report(r: dict) -> None:
-    print(f"config {r['config']}: {r['parameters'] / 1e6:.2f}M parameters, batch {r['batch_size']} x seq {r['seq_len']}, "
+    print(f"config {r['config']}{' ' + ' '.join(r['overrides']) if r['overrides'] else ''}: {r['parameters'] / 1e6:.2f}M parameters, batch {r['batch_size']} x seq {r['seq_len']}, "
           f"precision {r['precision']}, {r['device']} ({r['threads']} threads), {r['steps']} timed steps "
           f"after {r['warmup']}")
-    print(f"{'repeat':>6} {'trainer tokens/s':>17} {'loop tokens/s':>14} {'ratio':>7}")
-    for i, (t, l, q) in enumerate(zip(r["trainer_tokens_per_sec"], r["loop_tokens_per_sec"], r["ratios"]), 1):
-        print(f"{i:>6} {t:>17,.0f} {l:>14,.0f} {q:>7.3f}")
+    print(f"{'repeat':>6} {'trainer tokens/s':>17} {'loop tokens/s':>14} {'ratio':>7} {'CPU-time ratio':>15}")
+    rows = zip(r["trainer_tokens_per_sec"], r["loop_tokens_per_sec"], r["ratios"], r["cpu_ratios"])
+    for i, (t, l, q, c) in enumerate(rows, 1):
+        print(f"{i:>6} {t:>17,.0f} {l:>14,.0f} {q:>7.3f} {c:>15.3f}")
     print(f"{'median':>6} {statistics.median(r['trainer_tokens_per_sec']):>17,.0f} "
-          f"{statistics.median(r['loop_tokens_per_sec']):>14,.0f} {r['median_ratio']:>7.3f}  (trainer / loop)")
+          f"{statistics.median(r['loop_tokens_per_sec']):>14,.0f} {r['median_ratio']:>7.3f} "
+          f"{r['median_cpu_ratio']:>15.3f}  (trainer / loop)")
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f} MiB"
     print(f"peak memory: trainer {mib(r['trainer_peak_memory_bytes'])}, loop {mib(r['loop_peak_memory_bytes'])}")
     if "trainer_mfu" in r:
@@ -116,9 +146,8 @@ def print_report(r: dict) -> None:
 
 
 # ---- the two contestants -----------------------------------------------------------------------
-def _bench_config(config: str, total_steps: int, logs: str) -> dict:
-    """The config as a dict for LightningCLI: checkpointing and validation off, logs in a temp folder."""
-    values = load_yaml(config)
+def _bench_config(values: dict, total_steps: int, logs: str) -> dict:
+    """The config for LightningCLI: checkpointing and validation off, logs in a temp folder."""
     trainer = dict(values.get("trainer") or {})
     trainer.update(max_steps=total_steps, limit_val_batches=0, enable_checkpointing=False, num_sanity_val_steps=0,
                    enable_model_summary=False)
@@ -130,17 +159,19 @@ def _bench_config(config: str, total_steps: int, logs: str) -> dict:
     return {**values, "trainer": trainer}
 
 
-def _build(config: str, total_steps: int, logs: str):
+def _build(config: dict, total_steps: int, logs: str):
     from flm_lightning.cli import FLMCLI
     from flm_lightning.data import MixtureDataModule
     from flm_lightning.module import FLMLightningModule
 
-    return FLMCLI(FLMLightningModule, MixtureDataModule, subclass_mode_data=True, run=False,
-                  save_config_callback=None, args=_bench_config(config, total_steps, logs))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # the tool's own argv is not the CLI's
+        return FLMCLI(FLMLightningModule, MixtureDataModule, subclass_mode_data=True, run=False,
+                      save_config_callback=None, args=_bench_config(config, total_steps, logs))
 
 
 class _StepTimer:
-    """Wall time from the start of step `first` to the start of step `first + steps`."""
+    """Wall and process CPU time from the start of step `first` to the start of step `first + steps`."""
 
     def __init__(self, device: torch.device, first: int, steps: int):
         self.device, self.first, self.last = device, first, first + steps
@@ -150,16 +181,17 @@ class _StepTimer:
         if step in (self.first, self.last):
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
+            now = (time.perf_counter(), time.process_time())
             if step == self.first:
-                self.start = time.perf_counter()
+                self.start = now
             else:
-                self.end = time.perf_counter()
+                self.end = now
 
 
-def _trainer_run(config: str, steps: int, warmup: int, logs: str) -> dict:
+def _trainer_run(config: dict, steps: int, warmup: int, logs: str) -> dict:
     from lightning.pytorch.callbacks import Callback
 
-    _release_freed_memory()
+    release_freed_memory()
     cli = _build(config, warmup + steps + 1, logs)
     device = cli.trainer.strategy.root_device
     timer = _StepTimer(device, warmup, steps)
@@ -169,21 +201,21 @@ def _trainer_run(config: str, steps: int, warmup: int, logs: str) -> dict:
             timer.at_step_start(trainer.global_step)
 
     cli.trainer.callbacks.append(Timing())
-    baseline = _memory_baseline(device)
+    baseline = start_peak_memory(device)
     cli.trainer.fit(cli.model, cli.datamodule)
     return _summary(cli, device, timer, steps, baseline)
 
 
-def _loop_run(config: str, steps: int, warmup: int, logs: str) -> dict:
+def _loop_run(config: dict, steps: int, warmup: int, logs: str) -> dict:
     from flm_lightning.objective import freelm_loss
     from flm_lightning.optim import build_scheduler
 
-    _release_freed_memory()
+    release_freed_memory()
     cli = _build(config, warmup + steps + 1, logs)
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
     device = trainer.strategy.root_device
     dtype = _autocast_dtype(trainer)
-    baseline = _memory_baseline(device)
+    baseline = start_peak_memory(device)
     data.trainer = trainer  # the loader sizes itself from max_steps, as in fit
     data.prepare_data()
     data.setup("fit")
@@ -227,15 +259,16 @@ def _summary(cli, device: torch.device, timer: _StepTimer, steps: int, baseline:
     data, arch = cli.datamodule, cli.model.arch
     tokens = steps * data.batch_size * data.seq_len
     return {
-        "tokens_per_sec": tokens / (timer.end - timer.start),
-        "peak_memory_bytes": _peak_memory(device, baseline),
+        "tokens_per_sec": tokens / (timer.end[0] - timer.start[0]),
+        "tokens_per_cpu_sec": tokens / (timer.end[1] - timer.start[1]),
+        "peak_memory_bytes": peak_memory(device, baseline),
         "device": str(device), "precision": cli.trainer.precision, "batch_size": data.batch_size, "seq_len": data.seq_len,
         "parameters": count_model(arch).parameters, "flops_per_token": count_model(arch, data.seq_len).flops_per_token,
     }
 
 
 # ---- memory ---------------------------------------------------------------------------------------
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Return freed heap to the system so the next run's resident peak is its own."""
     import gc
 
@@ -256,7 +289,7 @@ def _status_kib(field: str) -> Optional[int]:
     return None
 
 
-def _memory_baseline(device: torch.device) -> Optional[int]:
+def start_peak_memory(device: torch.device) -> Optional[int]:
     """Start a peak-memory measurement; on CPU returns the resident bytes it starts from."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -270,7 +303,7 @@ def _memory_baseline(device: torch.device) -> Optional[int]:
     return None if rss is None else rss * 1024
 
 
-def _peak_memory(device: torch.device, baseline: Optional[int]) -> Optional[int]:
+def peak_memory(device: torch.device, baseline: Optional[int]) -> Optional[int]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     peak = _status_kib("VmHWM:")
