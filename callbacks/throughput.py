@@ -9,6 +9,7 @@ MFU = achieved FLOP/s / peak FLOP/s of the device.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Optional
 
@@ -46,7 +47,8 @@ class TokenThroughputMonitor(Callback):
     attention, see `flm_lightning.model.counting`).
 
     Args:
-        window_size: batches averaged over.
+        window_size: batches averaged over (measured on logging steps, every
+            `trainer.log_every_n_steps`, so rounded up to a multiple of that).
         peak_tflops: the device's peak TFLOP/s per process (e.g. 989 for an H100 SXM in bf16);
             default: looked up in `PEAK_TFLOPS` by the CUDA device name; on other devices, or an
             unknown GPU, no MFU is logged.
@@ -65,7 +67,9 @@ class TokenThroughputMonitor(Callback):
         if peak_tflops and not self.peak_tflops:
             rank_zero_info(f"TokenThroughputMonitor: MFU against {peak_tflops:g} TFLOP/s ({torch.cuda.get_device_name(pl_module.device)})")
         peak = peak_tflops * 1e12 if peak_tflops else None
-        self._meter = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=self.window_size)
+        # Updated on logging steps only: enough points to span about `window_size` batches.
+        points = max(2, math.ceil(self.window_size / max(trainer.log_every_n_steps, 1)) + 1)
+        self._meter = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=points)
         self._start = time.perf_counter()
         self._paused = 0.0
         self._batches = self._samples = self._tokens = self._flops = 0
@@ -80,20 +84,25 @@ class TokenThroughputMonitor(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
         ids = batch["input_ids"]
         self._batches += 1
         self._samples += ids.shape[0]
         self._tokens += ids.numel()
-        flops = getattr(pl_module, "flops_per_batch", None)
+        self._flops += getattr(pl_module, "flops_per_batch", None) or 0
+        if not logging_step(trainer, trainer.global_step):
+            return
+        # Lightning writes logged values on logging steps only: measure there, so a GPU run pays one
+        # synchronisation per logging step instead of one per step.
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
         self._meter.update(
             time=time.perf_counter() - self._start - self._paused,
             batches=self._batches,
             samples=self._samples,
             lengths=self._tokens,
-            flops=flops,
+            flops=self._flops or None,  # FLOPs since the last update
         )
+        self._flops = 0
         metrics = self._meter.compute()
         if "device/items_per_sec" in metrics:
             pl_module.log("throughput/tokens_per_sec", float(metrics["device/items_per_sec"]), prog_bar=True)
@@ -101,3 +110,13 @@ class TokenThroughputMonitor(Callback):
             pl_module.log("throughput/tflops", float(metrics["device/flops_per_sec"]) / 1e12)
         if "device/mfu" in metrics:
             pl_module.log("throughput/mfu", float(metrics["device/mfu"]))
+
+
+def logging_step(trainer: L.Trainer, steps_done: int) -> bool:
+    """Whether Lightning's logger writes the values logged now, `steps_done` optimizer steps into the run.
+
+    Lightning writes step values every `trainer.log_every_n_steps` optimizer steps and drops the
+    ones logged in between, so per-step work done only to be logged can be skipped off these steps.
+    """
+    n = trainer.log_every_n_steps
+    return n > 0 and steps_done % n == 0

@@ -18,6 +18,7 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from flm_lightning.callbacks.throughput import logging_step
 from flm_lightning.checkpoint import arch_from_checkpoint, load_checkpoint, model_weights
 from flm_lightning.errors import ConfigError, DataError
 from flm_lightning.model import FLMTransformer, ModelConfig, count_model
@@ -185,9 +186,10 @@ class FLMLightningModule(L.LightningModule):
         parts = self._loss(batch)
         self.last_loss = parts.loss.detach()  # read by TrainingGuard before the optimizer step
         self.log("train/loss", parts.loss, prog_bar=True)
-        self.log("train/ppl", torch.exp(parts.loss.detach()))
-        if parts.lm_tokens > 0:
-            self.log("train/lm_loss", parts.lm_loss)
+        if logging_step(self.trainer, self.global_step + 1):  # values of other steps are never written
+            self.log("train/ppl", torch.exp(parts.loss.detach()))
+            if parts.lm_tokens > 0:
+                self.log("train/lm_loss", parts.lm_loss)
         if parts.teacher_preds is not None:
             self.log("train/teacher_loss", parts.teacher_loss)
             self.train_teacher_acc(parts.teacher_preds, parts.teacher_targets)
@@ -236,6 +238,8 @@ class FLMLightningModule(L.LightningModule):
             )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not logging_step(self.trainer, self.global_step + 1):
+            return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
             # Before clipping (Lightning clips after this hook): the norm a spike detector wants.

@@ -227,7 +227,7 @@ def test_throughput_monitor_logs_mfu_against_the_given_peak():
     from flm_lightning.callbacks import TokenThroughputMonitor
 
     module = FLMLightningModule(arch=tiny_config("teleflm"), optim=OptimConfig(warmup_steps=1))
-    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, log_every_n_steps=1,
                         enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[TokenThroughputMonitor(window_size=2, peak_tflops=1e-4)])
     trainer.fit(module, _random_batches(4, 2, 16, 100))
