@@ -248,7 +248,21 @@ class FLMLightningModule(L.LightningModule):
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW for the current network: μP groups (LR per role) when μP is on."""
         groups = self.mup.param_groups(self.model, self.optim_cfg.weight_decay) if self.mup is not None else None
-        return build_adamw(self.model, self.optim_cfg, groups)
+        # fp16 loss scaling unscales inside a fused step, so clipping would see scaled gradients.
+        loss_scaling = self._trainer is not None and self.trainer.precision == "16-mixed"
+        return build_adamw(self.model, self.optim_cfg, groups, allow_fused=not loss_scaling)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for any fused optimizer (fp16 unscales
+        # inside the step); bf16 has no loss scaling, so the gradients are clipped here directly.
+        if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused") and self.trainer.precision == "bf16-mixed":
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.build_optimizer()

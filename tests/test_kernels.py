@@ -258,3 +258,18 @@ def test_bench_tool_reports_both_throughputs_and_memory(tmp_path, docs_cache, ca
     assert result["trainer_peak_memory_bytes"] > 0 and result["loop_peak_memory_bytes"] > 0
     assert (result["batch_size"], result["seq_len"], result["device"]) == (4, 32, "cpu")
     assert "trainer_mfu" not in result  # no MFU on a CPU without a peak
+
+
+def test_bf16_mixed_clips_gradients_of_the_fused_optimizer():
+    """Lightning's mixed-precision plugin refuses to clip for fused optimizers; the module clips itself."""
+    import lightning as L
+
+    module = FLMLightningModule(arch=tiny_config("teleflm"))
+    module.configure_model()
+    module.trainer = L.Trainer(precision="bf16-mixed", accelerator="cpu", logger=False)
+    optimizer = module.build_optimizer()
+    assert optimizer.defaults["fused"]
+    for p in module.model.parameters():
+        p.grad = torch.ones_like(p)
+    module.configure_gradient_clipping(optimizer, 0.5, "norm")
+    assert torch.nn.utils.get_total_norm([p.grad for p in module.model.parameters()]).item() == pytest.approx(0.5, rel=1e-5)
