@@ -151,7 +151,7 @@ def _plot(rows: list[dict], path: str) -> None:
         sel = [r for r in rows if r["config"] == case]
         ax.bar([r["recompute"] for r in sel], [r["peak_bytes"] / 2**20 for r in sel], color=["#888", "#4a8", "#48c"])
         for i, r in enumerate(sel):
-            ax.text(i, r["peak_bytes"] / 2**20, f"{r['step_seconds']:.2f} s/step", ha="center", va="bottom", fontsize=8)
+            ax.text(i, r["peak_bytes"] / 2**20, f"{r['peak_bytes'] / 2**20:.0f}", ha="center", va="bottom", fontsize=8)
         ax.set_title(f"{case}, batch {sel[0]['batch']} x {sel[0]['seq_len']}")
         ax.set_ylabel("peak memory above start (MiB)")
     fig.suptitle(f"Activation checkpointing: peak memory ({rows[0]['precision']}, CPU)")
