@@ -273,3 +273,19 @@ def test_bf16_mixed_clips_gradients_of_the_fused_optimizer():
         p.grad = torch.ones_like(p)
     module.configure_gradient_clipping(optimizer, 0.5, "norm")
     assert torch.nn.utils.get_total_norm([p.grad for p in module.model.parameters()]).item() == pytest.approx(0.5, rel=1e-5)
+
+
+def test_sharded_parameters_keep_foreach_adamw():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        layer = torch.nn.Linear(4, 4, bias=False)
+        layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(0)]))
+        optimizer = build_adamw(layer, OptimConfig())
+        assert not optimizer.defaults["fused"] and optimizer.defaults["foreach"]
+    finally:
+        dist.destroy_process_group()

@@ -155,5 +155,6 @@ def _transformer_engine(q, k, v, dropout_p: float) -> torch.Tensor:
     bsz, heads, n_q, head_dim = q.shape
     module = _te_module(heads, head_dim, dropout_p)
     mask_type = "causal" if n_q == k.shape[2] else "causal_bottom_right"
-    out = module(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask_type=mask_type)
+    q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    out = module(q, k, v, attn_mask_type=mask_type)
     return out.view(bsz, n_q, heads, head_dim).transpose(1, 2)  # TE returns [B, T, H * D]
