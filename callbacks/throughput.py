@@ -1,7 +1,15 @@
-"""Training throughput: tokens/s, achieved TFLOP/s and MFU, in TensorBoard and the progress bar."""
+"""Training throughput: tokens/s, achieved TFLOP/s and MFU, in TensorBoard and the progress bar.
+
+Model FLOPs per token (`flm_lightning.model.count_model`, one training step, forward + backward):
+6 x (all Linear weights + the output head) + 12 x n_layers x (heads x head_dim) x seq_len, i.e.
+6N plus the attention score and value matmuls without the causal halving (Megatron / PaLM MFU
+convention). Recomputation (activation checkpointing) is not counted: MFU counts model FLOPs.
+MFU = achieved FLOP/s / peak FLOP/s of the device.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Optional
 
@@ -9,6 +17,26 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+# Dense bf16 peak TFLOP/s (no sparsity) by a substring of torch.cuda.get_device_name; first match wins.
+PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM and NVL
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+)
+
+
+def device_peak_tflops(device: torch.device) -> Optional[float]:
+    """The bf16 peak of a known CUDA GPU, else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
 
 class TokenThroughputMonitor(Callback):
@@ -19,9 +47,11 @@ class TokenThroughputMonitor(Callback):
     attention, see `flm_lightning.model.counting`).
 
     Args:
-        window_size: batches averaged over.
+        window_size: batches averaged over (measured on logging steps, every
+            `trainer.log_every_n_steps`, so rounded up to a multiple of that).
         peak_tflops: the device's peak TFLOP/s per process (e.g. 989 for an H100 SXM in bf16);
-            without it no MFU is logged.
+            default: looked up in `PEAK_TFLOPS` by the CUDA device name; on other devices, or an
+            unknown GPU, no MFU is logged.
     """
 
     def __init__(self, window_size: int = 20, peak_tflops: Optional[float] = None):
@@ -33,8 +63,13 @@ class TokenThroughputMonitor(Callback):
         self._meter: Optional[Throughput] = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        peak = self.peak_tflops * 1e12 if self.peak_tflops else None
-        self._meter = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=self.window_size)
+        peak_tflops = self.peak_tflops or device_peak_tflops(pl_module.device)
+        if peak_tflops and not self.peak_tflops:
+            rank_zero_info(f"TokenThroughputMonitor: MFU against {peak_tflops:g} TFLOP/s ({torch.cuda.get_device_name(pl_module.device)})")
+        peak = peak_tflops * 1e12 if peak_tflops else None
+        # Updated on logging steps only: enough points to span about `window_size` batches.
+        points = max(2, math.ceil(self.window_size / max(trainer.log_every_n_steps, 1)) + 1)
+        self._meter = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=points)
         self._start = time.perf_counter()
         self._paused = 0.0
         self._batches = self._samples = self._tokens = self._flops = 0
@@ -49,20 +84,25 @@ class TokenThroughputMonitor(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
         ids = batch["input_ids"]
         self._batches += 1
         self._samples += ids.shape[0]
         self._tokens += ids.numel()
-        flops = getattr(pl_module, "flops_per_batch", None)
+        self._flops += getattr(pl_module, "flops_per_batch", None) or 0
+        if not logging_step(trainer, trainer.global_step):
+            return
+        # Lightning writes logged values on logging steps only: measure there, so a GPU run pays one
+        # synchronisation per logging step instead of one per step.
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
         self._meter.update(
             time=time.perf_counter() - self._start - self._paused,
             batches=self._batches,
             samples=self._samples,
             lengths=self._tokens,
-            flops=flops,
+            flops=self._flops or None,  # FLOPs since the last update
         )
+        self._flops = 0
         metrics = self._meter.compute()
         if "device/items_per_sec" in metrics:
             pl_module.log("throughput/tokens_per_sec", float(metrics["device/items_per_sec"]), prog_bar=True)
@@ -70,3 +110,13 @@ class TokenThroughputMonitor(Callback):
             pl_module.log("throughput/tflops", float(metrics["device/flops_per_sec"]) / 1e12)
         if "device/mfu" in metrics:
             pl_module.log("throughput/mfu", float(metrics["device/mfu"]))
+
+
+def logging_step(trainer: L.Trainer, steps_done: int) -> bool:
+    """Whether Lightning's logger writes the values logged now, `steps_done` optimizer steps into the run.
+
+    Lightning writes step values every `trainer.log_every_n_steps` optimizer steps and drops the
+    ones logged in between, so per-step work done only to be logged can be skipped off these steps.
+    """
+    n = trainer.log_every_n_steps
+    return n > 0 and steps_done % n == 0

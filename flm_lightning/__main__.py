@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flm_lightning.cli import show_project_logs
 from flm_lightning.errors import EXIT_USAGE, USER_ERRORS
-from flm_lightning.tools import compare_layouts, consolidate, export_hf, generate, grow, import_hf, info, plan, prepare
+from flm_lightning.tools import bench, compare_layouts, consolidate, export_hf, generate, grow, import_hf, info, plan, prepare
 
 TOOLS = {
     "info": info,
@@ -18,6 +19,7 @@ TOOLS = {
     "generate": generate,
     "compare-layouts": compare_layouts,
     "consolidate": consolidate,
+    "bench": bench,
 }
 
 
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, tool in TOOLS.items():
         tool.add_arguments(sub.add_parser(name, help=(tool.__doc__ or "").splitlines()[0]))
     args = parser.parse_args(argv)
+    show_project_logs()
     try:
         TOOLS[args.tool].run(args)
     except USER_ERRORS as e:

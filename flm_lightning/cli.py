@@ -6,6 +6,8 @@ Bad input (an invalid config value, an unknown option, a data problem) ends with
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import sys
 from typing import Optional
@@ -63,7 +65,24 @@ def summarize_parser_error(message: str) -> str:
     return f"{key}: {reason}" if key else reason
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (a StreamHandler would keep a replaced one)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def show_project_logs() -> None:
+    """Print the INFO lines of the project's own loggers (attention backend, recompute, compile)
+    on rank 0, as Lightning does for its own; the model code uses plain `logging`."""
+    log = logging.getLogger("flm_lightning")
+    if not log.handlers and int(os.environ.get("RANK", "0")) == 0:
+        log.addHandler(_StderrHandler())
+        log.setLevel(logging.INFO)
+
+
 def main(args: Optional[list[str]] = None) -> FLMCLI:
+    show_project_logs()
     try:
         return FLMCLI(
             FLMLightningModule,

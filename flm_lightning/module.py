@@ -19,12 +19,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from flm_lightning.callbacks.throughput import logging_step
 from flm_lightning.checkpoint import arch_from_checkpoint, load_checkpoint, model_weights
 from flm_lightning.errors import ConfigError, DataError
 from flm_lightning.model import FLMTransformer, ModelConfig, count_model
 from flm_lightning.mup import MuP, MuPConfig
 from flm_lightning.objective import LossParts, freelm_loss
 from flm_lightning.growth import GrowthMasks, MaskPlan, grow, mask_value, transfer_adam_state
+from flm_lightning.parallel.compute import apply_activation_checkpointing, apply_compile, check_checkpoint_mode
 from flm_lightning.optim import LR_POLICIES, OptimConfig, build_adamw, build_scheduler
 from flm_lightning.parallel.growth import full_optimizer_state, gather_for_growth, load_full_optimizer_state
 from flm_lightning.parallel.parallelize import initialize_sharded
@@ -75,6 +77,9 @@ class FLMLightningModule(L.LightningModule):
         init_from: start from the weights of this checkpoint (e.g. from `import-hf` or another
             run) with a fresh optimizer and schedule; unlike `--ckpt_path`, nothing else resumes.
         mup: μP parametrization (initialisation and per-role learning rates; see `flm_lightning.mup`).
+        activation_checkpointing: "none", "full" (recompute whole blocks) or "selective" (keep
+            matmul and attention outputs, recompute the rest); see `flm_lightning.parallel.compute`.
+        compile: `torch.compile` each transformer block (after activation checkpointing).
     """
 
     def __init__(
@@ -83,6 +88,8 @@ class FLMLightningModule(L.LightningModule):
         optim: Optional[OptimConfig] = None,
         init_from: Optional[str] = None,
         mup: Optional[MuPConfig] = None,
+        activation_checkpointing: str = "none",
+        compile: bool = False,
     ):
         super().__init__()
         self.arch: ModelConfig = _as_config(arch or ModelConfig(), ModelConfig)
@@ -93,12 +100,17 @@ class FLMLightningModule(L.LightningModule):
         if self.mup_cfg is not None:
             MuP(self.mup_cfg, self.arch, self.optim_cfg.lr)  # a bad pairing fails now, before any state exists
         self.init_from = init_from
+        check_checkpoint_mode(activation_checkpointing)
+        self.activation_checkpointing = activation_checkpointing
+        self.compile_blocks = compile
         # Plain containers only, so checkpoints load with weights_only=True.
         self.save_hyperparameters({
             "arch": self.arch.to_dict(),
             "optim": self.optim_cfg.to_dict(),
             "init_from": init_from,
             "mup": asdict(self.mup_cfg) if self.mup_cfg is not None else None,
+            "activation_checkpointing": activation_checkpointing,
+            "compile": compile,
         })
         self.model: Optional[FLMTransformer] = None
         self.parallel: Optional[ParallelRuntime] = None  # set under FLMParallelStrategy
@@ -152,11 +164,12 @@ class FLMLightningModule(L.LightningModule):
         self.model = FLMTransformer(arch)  # on the meta device under FLMParallelStrategy(meta_init=True)
         if not isinstance(strategy, FLMParallelStrategy):
             self._initialize(load)
+            self._apply_compute(self.model)
             return
         on_meta = any(p.is_meta for p in self.model.parameters())
         if not on_meta:
             self._initialize(load)  # every rank the same full model (same seed): layouts start identical
-        self.parallel = strategy.parallelize(self.model)  # split, shard, wrap
+        self.parallel = strategy.parallelize(self.model, self._apply_compute)  # split, TP, compute, FSDP
         if on_meta:
             self.model.to_empty(device=strategy.root_device)
             self.model.rotary.reset_tables()
@@ -184,6 +197,12 @@ class FLMLightningModule(L.LightningModule):
             self.mup.initialize(self.model)
         if init_from:
             self._load_initial_weights(init_from)
+
+    def _apply_compute(self, model: FLMTransformer) -> None:
+        """Activation checkpointing, then compile (torchtitan's order); also after growth rebuilds."""
+        apply_activation_checkpointing(model, self.activation_checkpointing)
+        if self.compile_blocks:
+            apply_compile(model)
 
     def _load_initial_weights(self, path: str) -> None:
         ckpt = load_checkpoint(path)
@@ -233,11 +252,12 @@ class FLMLightningModule(L.LightningModule):
     def _log_train(self, loss: torch.Tensor, parts: Optional[LossParts]) -> None:
         self.last_loss = loss.detach()  # read by TrainingGuard before the optimizer step
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", torch.exp(loss.detach()))
         if parts is None:
             return
-        if parts.lm_tokens > 0:
-            self.log("train/lm_loss", parts.lm_loss)
+        if logging_step(self.trainer, self.global_step + 1):  # values of other steps are never written
+            self.log("train/ppl", torch.exp(loss.detach()))
+            if parts.lm_tokens > 0:
+                self.log("train/lm_loss", parts.lm_loss)
         if parts.teacher_preds is not None:
             self.log("train/teacher_loss", parts.teacher_loss)
             self.train_teacher_acc(parts.teacher_preds, parts.teacher_targets)
@@ -314,13 +334,15 @@ class FLMLightningModule(L.LightningModule):
         return torch.nn.utils.get_total_norm(grads) if grads else None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        clip = self.trainer.gradient_clip_val if not self.automatic_optimization else None
+        if not clip and not logging_step(self.trainer, self.global_step + 1):
+            return  # the norm is only written on logging steps
         if not any(p.grad is not None for p in self.parameters()):
             return  # e.g. the guard dropped this update
         norm = self.grad_norm()
         # Before clipping (Lightning clips after this hook): the norm a spike detector wants.
         self.log("train/grad_norm", norm)
-        clip = self.trainer.gradient_clip_val
-        if not self.automatic_optimization and clip and float(norm) > clip:
+        if clip and float(norm) > clip:
             # Manual optimisation: Lightning does not clip, so trainer.gradient_clip_val is applied here.
             coef = clip / (float(norm) + 1e-6)
             for p in self.parameters():
@@ -331,7 +353,20 @@ class FLMLightningModule(L.LightningModule):
         """AdamW for `model` (default: the current network): μP groups (LR per role) when μP is on."""
         model = model if model is not None else self.model
         groups = self.mup.param_groups(model, self.optim_cfg.weight_decay) if self.mup is not None else None
-        return build_adamw(model, self.optim_cfg, groups)
+        # fp16 loss scaling unscales inside a fused step, so clipping would see scaled gradients.
+        loss_scaling = self._trainer is not None and self.trainer.precision == "16-mixed"
+        return build_adamw(model, self.optim_cfg, groups, allow_fused=not loss_scaling)
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for any fused optimizer (fp16 unscales
+        # inside the step); bf16 has no loss scaling, so the gradients are clipped here directly.
+        if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused") and self.trainer.precision == "bf16-mixed":
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.build_optimizer()
@@ -373,16 +408,18 @@ class FLMLightningModule(L.LightningModule):
         self.lr_events.append({"step": step, "policy": lr_policy, "rewarmup_steps": rewarmup_steps})
         self.growth_history.append({"step": step, "from": old_arch.to_dict(), "to": target.to_dict(),
                                     "layer_sources": [str(x) for x in sources]})
-        if in_fit and self.parallel is not None:
+        if self.parallel is not None:  # (only inside fit: the strategy exists there)
             grown_opt = self.build_optimizer(grown)
             transfer_adam_state(old_opt, old_model, grown_opt, grown, origin, optimizer_step)
             state = full_optimizer_state(grown, grown_opt)
-            self.parallel = self.trainer.strategy.parallelize(grown)  # split and shard the grown model
+            self.parallel = self.trainer.strategy.parallelize(grown, self._apply_compute)  # split and shard it
             self.trainer.strategy.setup_optimizers(self.trainer)  # configure_optimizers on the sharded model
             load_full_optimizer_state(self.model, self.trainer.optimizers[0], state)
-        elif in_fit:
-            self.trainer.strategy.setup_optimizers(self.trainer)  # configure_optimizers on the grown model
-            transfer_adam_state(old_opt, old_model, self.trainer.optimizers[0], grown, origin, optimizer_step)
+        else:
+            self._apply_compute(grown)
+            if in_fit:
+                self.trainer.strategy.setup_optimizers(self.trainer)  # configure_optimizers on the grown model
+                transfer_adam_state(old_opt, old_model, self.trainer.optimizers[0], grown, origin, optimizer_step)
         self._masks = GrowthMasks(self.model, plan, m=0.0)  # after sharding: hooks on this rank's modules
         if self.growth_ramp["ramp_steps"] <= 0:
             self._fold_masks()
@@ -428,6 +465,7 @@ class FLMLightningModule(L.LightningModule):
             self.arch = saved
             with torch.device(device or "cpu"):
                 self.model = FLMTransformer(saved)
+            self._apply_compute(self.model)
             self.flops_per_batch = None
         self.lr_events[:] = growth.get("lr_events", [])
         self.growth_history = growth.get("history", [])

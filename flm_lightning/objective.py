@@ -45,15 +45,62 @@ class LossParts:
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy [B, T] in fp32.
+    """Per-token cross-entropy [B, T] in fp32 (targets equal to -100 give 0, as in F.cross_entropy).
 
-    Vocabulary-sharded logits (a DTensor, inside `loss_parallel()`) give a replicated result that
-    is returned as a plain tensor, so masks and sums stay ordinary tensor code.
+    fp32 logits go through `F.cross_entropy`. Lower-precision logits (bf16 under autocast) go
+    through `LeanCrossEntropy`, which never materialises an fp32 copy of the [B*T, V] logits: the
+    plain path would hold the fp32 copy and its fp32 log-softmax (8 bytes per logit) on top of the
+    bf16 logits (2 bytes). A DTensor (vocabulary sharded by tensor parallelism, under
+    `loss_parallel()`) takes the plain path, which is what loss_parallel implements; its
+    replicated result comes back as a plain tensor, so masks and sums stay ordinary tensor code.
     """
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
-    if isinstance(ce, DTensor):
-        ce = ce.to_local()
-    return ce.view_as(labels)
+    flat, targets = logits.flatten(0, 1), labels.flatten()
+    if isinstance(logits, DTensor):
+        return F.cross_entropy(flat.float(), targets, reduction="none").to_local().view_as(labels)
+    if logits.dtype == torch.float32:
+        return F.cross_entropy(flat, targets, reduction="none").view_as(labels)
+    return LeanCrossEntropy.apply(flat, targets).view_as(labels)
+
+
+IGNORE_INDEX = -100
+LEAN_CE_CHUNK_ELEMENTS = 2**24  # fp32 working set of one chunk: 64 MiB
+
+
+class LeanCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over token chunks, upcast to fp32 one chunk at a time.
+
+    Saves the logits (their own dtype) and one fp32 log-sum-exp per token; the backward pass
+    rebuilds softmax - one_hot chunk by chunk and writes the gradient in the logits' dtype.
+    Values and gradients equal `F.cross_entropy(logits.float(), ...)` up to that final cast.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        n, vocab = logits.shape
+        chunk = max(1, LEAN_CE_CHUNK_ELEMENTS // vocab)
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        target_logit = torch.empty_like(lse)
+        safe_targets = targets.clamp(min=0)
+        for start in range(0, n, chunk):
+            part = logits[start : start + chunk].float()
+            lse[start : start + chunk] = torch.logsumexp(part, dim=-1)
+            target_logit[start : start + chunk] = part.gather(1, safe_targets[start : start + chunk, None])[:, 0]
+        ignored = targets == IGNORE_INDEX
+        ctx.save_for_backward(logits, safe_targets, lse, ignored)
+        ctx.chunk = chunk
+        return (lse - target_logit).masked_fill(ignored, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, targets, lse, ignored = ctx.saved_tensors
+        grad_loss = grad_loss.float().masked_fill(ignored, 0.0)
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            probs = torch.exp(logits[rows].float() - lse[rows, None])
+            probs.scatter_add_(1, targets[rows, None], torch.full_like(probs[:, :1], -1.0))
+            grad[rows] = probs * grad_loss[rows, None]
+        return grad, None
 
 
 def freelm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> LossParts:

@@ -8,6 +8,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from flm_lightning.errors import ConfigError
 
@@ -70,10 +71,26 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
     ]
 
 
-def build_adamw(model: nn.Module, cfg: OptimConfig, groups: Optional[list[dict]] = None) -> torch.optim.AdamW:
-    """AdamW over `groups` (default: decay on matrices, none on vectors, all at cfg.lr)."""
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+
+
+def build_adamw(model: nn.Module, cfg: OptimConfig, groups: Optional[list[dict]] = None,
+                allow_fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over `groups` (default: decay on matrices, none on vectors, all at cfg.lr).
+
+    The fused kernel (one launch for all parameters) when every parameter is on CUDA or every
+    one on the CPU: it is ~4x faster than the default per-tensor loop on CPU (tiny config 0.6 ms
+    vs 2.5 ms a step, 34M parameters 11 ms vs 45 ms; docs/performance.md). Otherwise (mixed or
+    other devices, sharded DTensor parameters, or `allow_fused=False` for fp16 loss scaling) the
+    multi-tensor `foreach` one.
+    """
     groups = groups if groups is not None else param_groups(model.named_parameters(), cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    params = [p for group in groups for p in group["params"]]
+    devices = {p.device.type for p in params}
+    # Sharded (DTensor) parameters keep foreach, the path the FSDP/TP tests verify on CPU.
+    fused = (allow_fused and len(devices) == 1 and devices <= set(FUSED_ADAMW_DEVICES)
+             and not any(isinstance(p, DTensor) for p in params))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None, foreach=None if fused else True)
 
 
 LR_POLICIES = ("continue", "rewarmup", "peak")

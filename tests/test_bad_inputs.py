@@ -107,6 +107,10 @@ CATALOGUE = [
     ("invalid precision", fit("--trainer.precision=17"), "trainer.precision: invalid value"),
     ("missing config file", lambda root, cache: (cli_main, ["fit", "-c", str(root / "nope.yaml")]), "nope.yaml"),
     ("init_from another architecture", fit("--model.init_from={root}/model.ckpt"), "model.init_from"),
+    ("unknown attention backend", fit("--model.arch.attention_backend=xformers"), "model.arch.attention_backend must be one of"),
+    ("attention backend not installed", fit("--model.arch.attention_backend=flash"),
+     "model.arch.attention_backend=flash cannot run: the flash_attn package is not installed"),
+    ("unknown activation checkpointing", fit("--model.activation_checkpointing=most"), "model.activation_checkpointing must be one of"),
     ("growth that shrinks", fit_with("grow.yaml"), "GrowthCallback stage 0: growth cannot shrink"),
     ("growth inside a ramp", fit_with("ramp.yaml"), "starts during the ramp"),
     # --- data
@@ -129,6 +133,8 @@ CATALOGUE = [
     ("grow: target smaller than the model", tool("grow", "--ckpt", "{root}/model.ckpt", "--config", "{root}/small.yaml", "--out", "{root}/x4.ckpt"), "cannot shrink"),
     ("generate: no tokenizer in the checkpoint", tool("generate", "--ckpt", "{root}/model.ckpt", "--prompt", "hi"), "carries no tokenizer"),
     ("info: invalid preset", tool("info", "-c", "{root}/info_bad.yaml"), "model.arch.hidden_size (100) is not divisible"),
+    ("bench: --set without a value", tool("bench", "-c", "conf/tiny.yaml", "--set", "model.compile"), "--set expects KEY=VALUE"),
+    ("bench: zero steps", tool("bench", "-c", "conf/tiny.yaml", "--steps", "0"), "--steps must be a positive integer"),
     ("plan: tp not dividing heads", tool("plan", "-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "3", "--pp", "1"), "tp=3 must divide"),
 ]
 

@@ -85,6 +85,13 @@ def test_bf16_parameters_with_fp32_reduction_track_the_fp32_run(config, referenc
     assert 0 < _max_diff(losses, reference["teleflm"]) < 5e-3
 
 
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_between_tensor_parallel_and_fsdp(config, reference, tmp_path, mode):
+    """Recompute applied in the strategy's order (TP -> checkpointing -> FSDP) changes no loss."""
+    losses = _losses(config, tmp_path, "2x2x2", [f"--model.activation_checkpointing={mode}"])
+    assert _max_diff(losses, reference["teleflm"]) < TOL
+
+
 def test_mup_groups_survive_sharding(config, tmp_path):
     mup = ["--model.mup.base_hidden_size=32", "--model.mup.matrix_lr=1e-2"]
     plain = train_layout(config, layout_overrides(None, GLOBAL_BATCH, STEPS) + mup, None)["train"]

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 from flm_lightning.errors import ConfigError
+from flm_lightning.model.attention import ATTENTION_BACKENDS
 
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "swiglu")
@@ -45,6 +46,9 @@ class ModelConfig:
         dropout: dropout on attention probabilities and residual branches.
         init_std: std of the normal initialisation (output projections also / sqrt(2 n_layers)).
         pad_vocab_multiple: pad the embedding rows to a multiple of this (64/128 for fast kernels).
+        attention_backend: the attention kernel: "sdpa" (default), "math" (reference), "flash"
+            (flash-attn), "te" (Transformer Engine) or "auto" (flash when it can run, else sdpa).
+            It does not change the function, so it is not a function field.
     """
 
     vocab_size: int = 2048
@@ -68,6 +72,7 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     pad_vocab_multiple: int = 64
+    attention_backend: str = "sdpa"
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -86,6 +91,7 @@ class ModelConfig:
         _require_choice("norm", self.norm, NORMS)
         _require_choice("activation", self.activation, ACTIVATIONS)
         _require_choice("position", self.position, POSITIONS)
+        _require_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.head_dim is None and self.hidden_size % self.n_heads:
             raise ConfigError(
                 f"model.arch.hidden_size ({self.hidden_size}) is not divisible by model.arch.n_heads "
@@ -129,8 +135,8 @@ class ModelConfig:
         two configs with equal function fields can exchange weights."""
         values = self.to_dict()
         values.update(head_dim=self.head_size, ffn_hidden_size=self.ffn_size)
-        for training_only in ("dropout", "init_std"):
-            values.pop(training_only)
+        for not_function in ("dropout", "init_std", "attention_backend"):  # training-only or kernel choice
+            values.pop(not_function)
         return values
 
     @classmethod

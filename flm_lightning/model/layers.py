@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flm_lightning.model.attention import attend
 from flm_lightning.model.config import ModelConfig
 
 PositionTables = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
@@ -113,13 +114,14 @@ class LayerKVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention through `F.scaled_dot_product_attention`."""
+    """Multi-head causal self-attention; the kernel is `config.attention_backend` (see `attention.py`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, inner = config.hidden_size, config.attention_dim
         self.head_dim = config.head_size
         self.dropout = config.dropout
+        self.backend = config.attention_backend
         self.wq = nn.Linear(d, inner, bias=config.bias)
         self.wk = nn.Linear(d, inner, bias=config.bias)
         self.wv = nn.Linear(d, inner, bias=config.bias)
@@ -139,25 +141,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, tables)
         if kv_cache is not None:
-            k, v = kv_cache.update(k, v)
-            if attention_mask is None and k.shape[2] != seq:  # new queries also see every cached key
-                attention_mask = causal_mask(seq, k.shape[2], x.device)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attention_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attention_mask is None,
-        )
+            k, v = kv_cache.update(k, v)  # new queries also see every cached key (causal, bottom-right)
+        out = attend(q, k, v, self.backend, attention_mask, self.dropout if self.training else 0.0)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
-
-
-def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
-    """Boolean [n_queries, n_keys] mask for queries that are the last n_queries of n_keys positions."""
-    offset = n_keys - n_queries
-    q = torch.arange(n_queries, device=device)[:, None] + offset
-    return torch.arange(n_keys, device=device)[None, :] <= q
 
 
 class GeluMLP(nn.Module):

@@ -16,7 +16,7 @@ import shutil
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Generator, Optional
+from typing import Any, Callable, Generator, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -147,8 +147,10 @@ class FLMParallelStrategy(ModelParallelStrategy):
         dp = self.device_mesh["dp"]
         return {"num_replicas": dp.size(), "rank": dp.get_local_rank()}
 
-    def parallelize(self, model: FLMTransformer) -> ParallelRuntime:
-        """Split (pp), shard (tp), then FSDP2 (dp) `model` in place; return what a step needs."""
+    def parallelize(self, model: FLMTransformer,
+                    compute: Optional[Callable[[FLMTransformer], None]] = None) -> ParallelRuntime:
+        """Split (pp), shard (tp), apply `compute` (activation checkpointing, compile), then FSDP2 (dp),
+        all in place (torchtitan's order); return what a step needs."""
         mesh, dims = self.device_mesh, self.dims
         stages, stage_ids = [model], [0]
         if dims.pp > 1:
@@ -156,6 +158,8 @@ class FLMParallelStrategy(ModelParallelStrategy):
                                                self.layout)
         if dims.tp > 1:
             apply_tensor_parallel(model, mesh["tp"])
+        if compute is not None:
+            compute(model)
         apply_fsdp(model, mesh["dp"], roots=stages, **self.fsdp)
         runtime = ParallelRuntime(dims=dims, mesh=mesh, model=model, loss_parallel=self.loss_parallel)
         if dims.pp > 1:
