@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from flm_lightning.errors import EXIT_USAGE, USER_ERRORS
-from flm_lightning.tools import export_hf, generate, grow, import_hf, info, plan, prepare
+from flm_lightning.tools import coord_check, export_hf, generate, grow, import_hf, info, plan, predict_loss, prepare
 
 TOOLS = {
     "info": info,
@@ -16,6 +16,8 @@ TOOLS = {
     "export-hf": export_hf,
     "import-hf": import_hf,
     "generate": generate,
+    "coord-check": coord_check,
+    "predict-loss": predict_loss,
 }
 
 
