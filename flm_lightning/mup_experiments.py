@@ -98,6 +98,7 @@ def coord_check(arch: ModelConfig, mup: MuPConfig, lr: float, widths: Sequence[i
     """Train each width for `steps` AdamW steps with μP and with SP on the same fixed random-token
     batch; return per parametrization, width and layer the activation scale at every step and,
     per layer, the log-log slope of the last step's scale against width."""
+    archs = {width: at_width(arch, width) for width in widths}  # every width checked before any training
     seq_len = min(seq_len, arch.max_seq_len)
     tokens = torch.randint(0, arch.vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed))
     result = {"widths": list(widths), "steps": steps, "lr": lr, "batch": [batch_size, seq_len],
@@ -105,7 +106,7 @@ def coord_check(arch: ModelConfig, mup: MuPConfig, lr: float, widths: Sequence[i
     for name, cfg in (("mup", mup), ("sp", None)):
         per_width = {}
         for width in widths:
-            per_width[str(width)] = train_and_record(at_width(arch, width), lr, cfg, tokens, steps, seed)
+            per_width[str(width)] = train_and_record(archs[width], lr, cfg, tokens, steps, seed)
             if progress:
                 progress(f"{name} width {width}: logits {per_width[str(width)][-1]['logits']:.4g}")
         layers = list(per_width[str(widths[0])][-1])

@@ -8,8 +8,10 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from flm_lightning.__main__ import main as tool_main
+from flm_lightning.model import count_model
 from flm_lightning.mup import MuPConfig
 from flm_lightning.mup_experiments import at_width, coord_check, fit_power_law
+from flm_lightning.tools.configs import model_config_from_yaml
 from tests.conftest import tiny_config
 
 
@@ -96,3 +98,32 @@ def test_predict_from_runs_bad_input(tmp_path, capsys, args, message):
         tool_main(["predict-loss", "--runs", str(tmp_path / "logs"), *args, *extra, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_sweep_trains_each_width_with_the_trainer_and_reuses_finished_runs(tmp_path, capsys):
+    from flm_lightning.data import prepare
+    from flm_lightning.tools.predict_loss import read_runs, sweep
+
+    (tmp_path / "text").mkdir()
+    for i in range(30):
+        (tmp_path / "text" / f"{i}.txt").write_text(f"Document {i} about foxes and dogs. " * 20)
+    prepare([str(tmp_path / "text")], str(tmp_path / "data"), vocab_size=400, val_fraction=0.1, progress=False)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(json.dumps({
+        "trainer": {"accelerator": "cpu", "max_steps": 2, "val_check_interval": 2, "check_val_every_n_epoch": None,
+                    "limit_val_batches": 1, "enable_checkpointing": False, "enable_progress_bar": False,
+                    "enable_model_summary": False,
+                    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                               "init_args": {"save_dir": "unused", "default_hp_metric": False}}},
+        "model": {"arch": {"vocab_size": 400, "n_layers": 1, "n_heads": 1, "head_dim": 16, "hidden_size": 16,
+                           "max_seq_len": 32}, "mup": {"base_hidden_size": 16}, "optim": {"lr": 0.01, "warmup_steps": 0}},
+        "data": {"class_path": "flm_lightning.data.MixtureDataModule",
+                 "init_args": {"sources": [{"path": str(tmp_path / "data")}], "seq_len": 32, "batch_size": 2}}}))
+    dirs = sweep(str(config), [16, 32], None, tmp_path / "out")
+    assert [d.name for d in dirs] == ["width16", "width32"]
+    points, step = read_runs([str(d) for d in dirs], "val/loss", None)
+    arch = model_config_from_yaml(config)[0]
+    assert step == 1 and [p["params"] for p in points] == [
+        count_model(at_width(arch, w)).non_embedding_parameters for w in (16, 32)]  # the trainer's own log
+    sweep(str(config), [16, 32], None, tmp_path / "out")  # finished runs are read back, not retrained
+    assert capsys.readouterr().err.count("reusing") == 2

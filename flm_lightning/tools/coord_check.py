@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=None, help="default: the config's model.optim.lr")
-    parser.add_argument("--out", default="coord_check", help="output folder (default ./coord_check)")
+    parser.add_argument("--out", default="runs/coord_check", help="output folder (default runs/coord_check)")
 
 
 def mup_and_lr(config: str) -> tuple[MuPConfig, float]:

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--target", help="a config whose model to predict")
     target.add_argument("--target-params", type=float, help="non-embedding parameters of the model to predict")
     parser.add_argument("--actual", type=float, default=None, help="the target's known loss, for the error")
-    parser.add_argument("--out", default="predict_loss", help="output folder (sweep logs go under it too)")
+    parser.add_argument("--out", default="runs/predict_loss", help="output folder (sweep logs go under it too)")
 
 
 # ---- inputs -------------------------------------------------------------------------------------
