@@ -8,8 +8,8 @@ Inputs, one of:
   --sweep -c CONFIG      train the config at each of `--widths` with the trainer itself
                          (`main.py fit`, logs under `--out`/runs), then read those logs.
 `--holdout K` leaves the K largest runs out of the fit (default 1 with --sweep); the largest is
-then the target, and its loss the actual one.
-Otherwise the target is `--target CONFIG` or `--target-params N`; `--actual` gives its known loss. Writes predict_loss.png and predict_loss.json under --out.
+then the target, and its loss the actual one. Otherwise the target is `--target CONFIG` or
+`--target-params N`; `--actual` gives its known loss. Writes predict_loss.png and .json under --out.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional
+from unittest.mock import patch
 
 from flm_lightning.errors import ConfigError, DataError
 from flm_lightning.model import count_model
@@ -133,7 +134,8 @@ def sweep(config: str, widths: list[int], steps: Optional[int], out: Path) -> li
             args.append(f"--model.arch.ffn_hidden_size={wide.ffn_hidden_size}")
         if steps is not None:
             args.append(f"--trainer.max_steps={steps}")
-        fit(args)
+        with patch.object(sys, "argv", sys.argv[:1]):  # LightningCLI warns when sys.argv also holds arguments
+            fit(args)
         (run / "done").write_text(f"{time.perf_counter() - start:.1f}\n")
         print(f"width {width}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return dirs
