@@ -132,7 +132,7 @@ CATALOGUE = [
     ("generate: no tokenizer in the checkpoint", tool("generate", "--ckpt", "{root}/model.ckpt", "--prompt", "hi"), "carries no tokenizer"),
     ("info: invalid preset", tool("info", "-c", "{root}/info_bad.yaml"), "model.arch.hidden_size (100) is not divisible"),
     ("coord-check: config without model.mup", tool("coord-check", "-c", "{root}/small.yaml", "--out", "{root}/cc"), "has no model.mup section"),
-    ("coord-check: width not a multiple of the head", tool("coord-check", "-c", "conf/mup_sweep.yaml", "--widths", "32,48", "--out", "{root}/cc"), "width 48 is not a positive multiple of the head size 32"),
+    ("coord-check: width not a multiple of the head", tool("coord-check", "-c", "conf/mup_sweep.yaml", "--widths", "32,40", "--out", "{root}/cc"), "width 40 is not a positive multiple of the head size 16"),
     ("predict-loss: fewer than 4 runs", tool("predict-loss", "--csv", "{root}/three_runs.csv", "--target-params", "1e6", "--out", "{root}/pl"), "needs at least 4 runs, got 3"),
     ("predict-loss: loss rising with size", tool("predict-loss", "--csv", "{root}/rising.csv", "--target-params", "1e6", "--out", "{root}/pl"), "the losses do not fall with size"),
     ("predict-loss: no runs in the folder", tool("predict-loss", "--runs", "{root}/text", "--target-params", "1e6", "--out", "{root}/pl"), "holds no TensorBoard event files"),

@@ -16,7 +16,7 @@ from pathlib import Path
 from flm_lightning.errors import ConfigError
 from flm_lightning.mup import MuPConfig
 from flm_lightning.mup_experiments import coord_check, parse_widths, plot_coord_check
-from flm_lightning.tools.configs import _section, load_yaml, model_config_from_yaml
+from flm_lightning.tools.configs import load_yaml, model_config_from_yaml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def mup_and_lr(config: str) -> tuple[MuPConfig, float]:
     """The config's model.mup block and peak LR."""
-    model = _section(load_yaml(config), "model")
-    if not isinstance(model.get("mup"), dict):
+    model = load_yaml(config).get("model") or {}
+    if not isinstance(model, dict) or not isinstance(model.get("mup"), dict):
         raise ConfigError(f"config file {config} has no model.mup section (see conf/mup_sweep.yaml)")
     return MuPConfig(**model["mup"]), float((model.get("optim") or {}).get("lr", 3e-4))
 
