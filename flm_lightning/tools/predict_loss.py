@@ -106,7 +106,9 @@ def read_runs(roots: list[str], tag: str, at_step: Optional[int]) -> tuple[list[
     for path, losses, params in runs:
         if at_step not in losses:
             raise DataError(f"run {path} has no {tag!r} at step {at_step} (logged: {sorted(losses)})")
-        points.append({"run": str(path), "params": next(iter(params.values())), "loss": losses[at_step]})
+        # The size logged last before the step: a grown run logs its new size when its fit restarts.
+        size = params[max((s for s in params if s <= at_step), default=min(params))]
+        points.append({"run": str(path), "params": size, "loss": losses[at_step]})
     return points, at_step
 
 
