@@ -7,7 +7,10 @@ import sys
 
 from flm_lightning.cli import show_project_logs
 from flm_lightning.errors import EXIT_USAGE, USER_ERRORS
-from flm_lightning.tools import bench, compare_layouts, consolidate, export_hf, generate, grow, import_hf, info, plan, prepare
+from flm_lightning.tools import (
+    bench, compare_layouts, consolidate, coord_check, export_hf, generate, grow, import_hf, info, plan, predict_loss,
+    prepare,
+)
 
 TOOLS = {
     "info": info,
@@ -20,6 +23,8 @@ TOOLS = {
     "compare-layouts": compare_layouts,
     "consolidate": consolidate,
     "bench": bench,
+    "coord-check": coord_check,
+    "predict-loss": predict_loss,
 }
 
 

@@ -70,6 +70,8 @@ trainer:
     mix("ok.yaml", [{"path": str(root / "data")}])
     (root / "small.yaml").write_text("model: {arch: {vocab_size: 400, n_layers: 2, n_heads: 2, hidden_size: 16}}")
     (root / "info_bad.yaml").write_text("model: {arch: {hidden_size: 100, n_heads: 3}}")
+    (root / "three_runs.csv").write_text("params,loss\n1e5,4.0\n2e5,3.8\n4e5,3.7\n")
+    (root / "rising.csv").write_text("params,loss\n1e5,3.0\n2e5,3.3\n4e5,3.6\n8e5,3.9\n")
     return root, docs_cache
 
 
@@ -135,6 +137,11 @@ CATALOGUE = [
     ("info: invalid preset", tool("info", "-c", "{root}/info_bad.yaml"), "model.arch.hidden_size (100) is not divisible"),
     ("bench: --set without a value", tool("bench", "-c", "conf/tiny.yaml", "--set", "model.compile"), "--set expects KEY=VALUE"),
     ("bench: zero steps", tool("bench", "-c", "conf/tiny.yaml", "--steps", "0"), "--steps must be a positive integer"),
+    ("coord-check: config without model.mup", tool("coord-check", "-c", "{root}/small.yaml", "--out", "{root}/cc"), "has no model.mup section"),
+    ("coord-check: width not a multiple of the head", tool("coord-check", "-c", "conf/mup_sweep.yaml", "--widths", "32,40", "--out", "{root}/cc"), "width 40 is not a positive multiple of the head size 16"),
+    ("predict-loss: fewer than 4 runs", tool("predict-loss", "--csv", "{root}/three_runs.csv", "--target-params", "1e6", "--out", "{root}/pl"), "needs at least 4 runs, got 3"),
+    ("predict-loss: loss rising with size", tool("predict-loss", "--csv", "{root}/rising.csv", "--target-params", "1e6", "--out", "{root}/pl"), "the losses do not fall with size"),
+    ("predict-loss: no runs in the folder", tool("predict-loss", "--runs", "{root}/text", "--target-params", "1e6", "--out", "{root}/pl"), "holds no TensorBoard event files"),
     ("plan: tp not dividing heads", tool("plan", "-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "3", "--pp", "1"), "tp=3 must divide"),
 ]
 

@@ -81,3 +81,31 @@ def test_mismatched_base_width_is_refused():
         FLMLightningModule(arch=tiny_config("teleflm", base_hidden_size=16), mup=MuPConfig(base_hidden_size=32))
     with pytest.raises(ConfigError, match="model.mup.matrix_lr"):
         MuPConfig(base_hidden_size=32, matrix_lr=-1.0)
+
+
+def test_mup_module_applies_the_logit_multiplier_in_forward():
+    arch = tiny_config("teleflm", hidden_size=64, n_heads=4, head_dim=16, output_mult=0.5)
+    module = FLMLightningModule(arch=arch, mup=MuPConfig(base_hidden_size=16))
+    module.configure_model()
+    assert module.arch.base_hidden_size == 16  # taken from model.mup when the arch leaves it unset
+    plain = FLMTransformer(arch)  # same weights, no μP base: logits times output_mult only
+    plain.load_state_dict(module.model.state_dict())
+    tokens = torch.randint(0, 100, (2, 9))
+    torch.testing.assert_close(module(tokens), plain(tokens) / 4.0)  # r = 64 / 16
+
+
+def test_growth_rederives_every_rule_exactly():
+    arch = tiny_config("teleflm", hidden_size=32, n_heads=2, head_dim=16)
+    module = FLMLightningModule(arch=arch, optim=OptimConfig(lr=1e-3, decay_steps=10), mup=MuPConfig(base_hidden_size=16))
+    module.configure_model()
+    target = replace(module.arch, hidden_size=96, n_heads=6, n_layers=3)
+    module.apply_growth(target, ramp_steps=0)
+    fresh = MuP(MuPConfig(base_hidden_size=16), target, 1e-3)
+    for name, _ in module.model.named_parameters():
+        assert module.mup.init_std(name) == fresh.init_std(name), name
+        assert module.mup.learning_rate(name) == fresh.learning_rate(name), name
+    assert module.mup.init_std("layers.2.attention.wo.weight") == 0.02 / 6**0.5 / 6**0.5  # r = 6, 2L = 6
+    assert module.model.config.width_mult == 6.0  # the forward's logit multiplier follows the new width
+    lrs = {g["name"]: g["lr"] for g in module.build_optimizer().param_groups}
+    assert lrs == {"mup_embedding": 1e-3, "mup_hidden": 1e-3 / 6, "mup_residual_out": 1e-3 / 6,
+                   "mup_readout": 1e-3, "mup_vector": 1e-3}
