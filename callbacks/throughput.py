@@ -40,7 +40,7 @@ def device_peak_tflops(device: torch.device) -> Optional[float]:
 
 
 class TokenThroughputMonitor(Callback):
-    """Logs `throughput/tokens_per_sec` (per process), `throughput/tflops` and, with a peak, `throughput/mfu`.
+    """Logs `throughput/tokens_per_sec` (per data-parallel rank), `throughput/tflops` and `throughput/mfu` (per process).
 
     Averages over a sliding window of batches with Lightning's `Throughput` meter; time spent in
     validation is excluded. FLOPs per batch come from the module's `flops_per_batch` (6N plus
@@ -69,7 +69,11 @@ class TokenThroughputMonitor(Callback):
         peak = peak_tflops * 1e12 if peak_tflops else None
         # Updated on logging steps only: enough points to span about `window_size` batches.
         points = max(2, math.ceil(self.window_size / max(trainer.log_every_n_steps, 1)) + 1)
-        self._meter = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=points)
+        # Under tensor / pipeline parallelism a batch's FLOPs are split over tp x pp processes that
+        # all see its tokens: FLOPs per process are divided by that, tokens are the dp shard's.
+        dp = (getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas", trainer.world_size)
+        self._model_parallel = max(1, trainer.world_size // dp)
+        self._meter = Throughput(available_flops=peak, world_size=dp, window_size=points)
         self._start = time.perf_counter()
         self._paused = 0.0
         self._batches = self._samples = self._tokens = self._flops = 0
@@ -88,7 +92,7 @@ class TokenThroughputMonitor(Callback):
         self._batches += 1
         self._samples += ids.shape[0]
         self._tokens += ids.numel()
-        self._flops += getattr(pl_module, "flops_per_batch", None) or 0
+        self._flops += (getattr(pl_module, "flops_per_batch", None) or 0) / self._model_parallel
         if not logging_step(trainer, trainer.global_step):
             return
         # Lightning writes logged values on logging steps only: measure there, so a GPU run pays one

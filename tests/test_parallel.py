@@ -17,6 +17,8 @@ from flm_lightning.tools.consolidate import consolidate_checkpoint
 from tests.conftest import tiny_config
 
 STEPS, GLOBAL_BATCH, TOL = 10, 8, 1e-5
+DIST_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
+                  "GROUP_RANK")
 FLM_101B_FAMILY = ["--model.arch.norm=layernorm", "--model.arch.activation=gelu", "--model.arch.bias=true",
                    "--model.arch.position=xpos", "--model.arch.tie_embeddings=true"]
 CONFIG = """\
@@ -256,6 +258,7 @@ def test_growth_that_does_not_fit_the_layout_stops_before_training(config, tmp_p
 def test_main_py_launches_the_layout_and_resumes_from_last(config, tmp_path):
     """The user's path: `python main.py fit` starts the ranks itself (Lightning's launcher), writes
     TensorBoard logs and checkpoint folders, and `--ckpt_path last` continues."""
+    import os
     import subprocess
     import sys
 
@@ -267,11 +270,14 @@ def test_main_py_launches_the_layout_and_resumes_from_last(config, tmp_path):
            f"--trainer.callbacks.dirpath={tmp_path / 'ckpts'}", "--trainer.callbacks.every_n_train_steps=3",
            "--trainer.callbacks.save_last=true", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=2",
            "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=1"]
-    first = subprocess.run([*run, "--trainer.max_steps=3"], capture_output=True, text=True, timeout=300)
+    # A clean environment: rendezvous variables left by earlier in-process runs would make the
+    # launched ranks wait for peers that never come.
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES and not k.startswith("PL_")}
+    first = subprocess.run([*run, "--trainer.max_steps=3"], capture_output=True, text=True, timeout=300, env=env)
     assert first.returncode == 0, first.stderr[-2000:]
     assert (tmp_path / "ckpts" / "last.ckpt" / ".metadata").is_file()
     second = subprocess.run([*run, "--trainer.max_steps=6", "--ckpt_path=last"], capture_output=True, text=True,
-                            timeout=300)
+                            timeout=300, env=env)
     assert second.returncode == 0, second.stderr[-2000:]
     assert [(p / ".metadata").is_file() for p in (tmp_path / "ckpts").glob("*step=6.ckpt")] == [True]
     assert list(tmp_path.glob("lightning_logs/version_*/events.out.tfevents.*"))
