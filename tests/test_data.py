@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +14,7 @@ from tokenizers import Tokenizer
 from tests.conftest import TINY
 from flm_lightning.data import MixtureDataModule, SourceSpec, TeacherSpec, TextDataModule, prepare
 from flm_lightning.data.corpus import python_docs
-from flm_lightning.data.mixture import MixtureDataset, PackedWindows, ResumableSampler, blend, document_masks
+from flm_lightning.data.mixture import ResumableSampler, blend, document_masks
 from flm_lightning.data.shards import PreparedCorpus
 from flm_lightning.errors import ConfigError, DataError
 

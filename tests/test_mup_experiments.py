@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from flm_lightning.__main__ import main as tool_main

@@ -30,7 +30,7 @@ def test_masked_targets_do_not_count():
 
 
 def test_teacher_sample_scored_on_its_label_token_only():
-    vocab, label_true, label_false = 10, 8, 9
+    vocab, label_true = 10, 8
     logits = torch.zeros(2, 3, vocab)
     logits[1, 2, label_true] = 5.0  # the teacher sample's verdict position predicts "true"
     batch = _batch(

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from flm_lightning.errors import ConfigError
 from flm_lightning.model import FLMTransformer

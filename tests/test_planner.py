@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from flm_lightning.errors import ConfigError
-from flm_lightning.planner import GIB, Hardware, Layout, Workload, check_layout, memory_per_gpu, plan_run, rank_layouts
+from flm_lightning.planner import Hardware, Layout, Workload, check_layout, memory_per_gpu, plan_run, rank_layouts
 from flm_lightning.tools.configs import model_config_from_yaml
 from flm_lightning.tools.plan import load_schedule, parse_count, plan_schedule
 

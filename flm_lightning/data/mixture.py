@@ -15,7 +15,6 @@ The training stream is a deterministic function of (sources, weights, epoch caps
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
