@@ -102,6 +102,11 @@ class ParallelRuntime:
         total = torch.stack(losses).sum().detach() if self.has_last_stage else torch.zeros((), dtype=torch.float32)
         return self._from_last_stage(total.to(torch.float32))
 
+    def _loss_parts(self, batch: dict[str, torch.Tensor]) -> LossParts:
+        logits = self.model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                            attention_mask=batch.get("attention_mask"))
+        return freelm_loss(logits, batch)
+
     def train_step(self, batch: dict[str, torch.Tensor], backward: Callable[[torch.Tensor], None]) -> StepResult:
         """Forward and backward of one global batch; gradients are left in the parameters."""
         tokens = self.global_tokens(batch)
@@ -112,9 +117,7 @@ class ParallelRuntime:
             self._sync_tied_embedding()
             return StepResult(loss=self._all_reduce(local, "dp") / self.dims.dp, tokens=tokens)
         with self._loss_context():
-            logits = self.model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                                attention_mask=batch.get("attention_mask"))
-            parts = freelm_loss(logits, batch)
+            parts = self._loss_parts(batch)
             loss_sum = parts.loss * parts.tokens
             backward(loss_sum * scale)
         return StepResult(loss=self._all_reduce(loss_sum.detach(), "dp") / tokens.clamp(min=1), tokens=tokens,
@@ -128,9 +131,7 @@ class ParallelRuntime:
             self._loss_scale = 1.0
             return self._run_pipeline(batch, train=False), tokens, None
         with self._loss_context():
-            logits = self.model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                                attention_mask=batch.get("attention_mask"))
-            parts = freelm_loss(logits, batch)
+            parts = self._loss_parts(batch)
         return parts.loss * parts.tokens, tokens, parts
 
     def grad_norm(self, parameters) -> torch.Tensor:
