@@ -196,6 +196,13 @@ def test_a_failing_rank_fails_the_launch(tmp_path):
     assert any("rank failed" in (tmp_path / f"rank{r}.log").read_text() for r in range(2))
 
 
+def test_resume_from_one_process_at_a_sharded_layout(config, reference, tmp_path):
+    """The other direction: saved by one process (1x1x1), resumed at dp2 x tp2."""
+    folder = _save_at_step_5(config, tmp_path, "1x1x1")
+    resumed = _losses(config, tmp_path / "sharded", "1x2x2", ckpt_path=str(folder))
+    assert _max_diff(resumed, reference["teleflm"][5:]) < TOL
+
+
 def test_tied_embedding_resumes_from_pipeline_to_one_process(config, reference, tmp_path):
     """The two copies of a tied embedding are one checkpoint entry: pp2 -> 1x1x1 continues exactly."""
     folder = _save_at_step_5(config, tmp_path, "2x1x1", FLM_101B_FAMILY)
