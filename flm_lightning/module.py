@@ -252,12 +252,13 @@ class FLMLightningModule(L.LightningModule):
     def _log_train(self, loss: torch.Tensor, parts: Optional[LossParts]) -> None:
         self.last_loss = loss.detach()  # read by TrainingGuard before the optimizer step
         self.log("train/loss", loss, prog_bar=True)
-        if parts is None:
-            return
-        if logging_step(self.trainer, self.global_step + 1):  # values of other steps are never written
+        write = logging_step(self.trainer, self.global_step + 1)  # values of other steps are never written
+        if write:
             self.log("train/ppl", torch.exp(loss.detach()))
-            if parts.lm_tokens > 0:
-                self.log("train/lm_loss", parts.lm_loss)
+        if parts is None:  # pipeline parallel: only the total loss leaves the last stage
+            return
+        if write and parts.lm_tokens > 0:
+            self.log("train/lm_loss", parts.lm_loss)
         if parts.teacher_preds is not None:
             self.log("train/teacher_loss", parts.teacher_loss)
             self.train_teacher_acc(parts.teacher_preds, parts.teacher_targets)
