@@ -106,7 +106,7 @@ class GrowthCallback(Callback):
             check_target = getattr(trainer.strategy, "check_growth_target", None)  # FLMParallelStrategy
             if check_target is not None:
                 try:
-                    check_target(target, s.ramp_steps)
+                    check_target(target)
                 except ConfigError as e:
                     raise ConfigError(f"{where}: {e}") from None
             self._steps.append(step)

@@ -385,7 +385,7 @@ class FLMLightningModule(L.LightningModule):
         trainer (offline growth) the caller does that with the returned (old model, origins).
         """
         if self.parallel is not None:
-            self.trainer.strategy.check_growth_target(target, ramp_steps)
+            self.trainer.strategy.check_growth_target(target)
         step = self.global_step if step is None else step
         self.advance_growth_ramp(step)  # a ramp that ends exactly now is folded first
         if self.growth_ramp is not None:
@@ -421,10 +421,14 @@ class FLMLightningModule(L.LightningModule):
             if in_fit:
                 self.trainer.strategy.setup_optimizers(self.trainer)  # configure_optimizers on the grown model
                 transfer_adam_state(old_opt, old_model, self.trainer.optimizers[0], grown, origin, optimizer_step)
-        self._masks = GrowthMasks(self.model, plan, m=0.0)  # after sharding: hooks on this rank's modules
+        self._masks = self._growth_masks(plan, m=0.0)  # after sharding: hooks on this rank's modules
         if self.growth_ramp["ramp_steps"] <= 0:
             self._fold_masks()
         return old_model, origin
+
+    def _growth_masks(self, plan: MaskPlan, m: float) -> GrowthMasks:
+        tp_rank = self.parallel.mesh["tp"].get_local_rank() if self.parallel is not None else 0
+        return GrowthMasks(self.model, plan, m=m, tp_rank=tp_rank)
 
     def _fold_masks(self) -> None:
         if self._masks is not None:
@@ -474,7 +478,7 @@ class FLMLightningModule(L.LightningModule):
             self._masks.remove()
         self._masks, self.growth_ramp = None, growth.get("ramp")
         if self.growth_ramp is not None:
-            self._masks = GrowthMasks(self.model, MaskPlan(**self.growth_ramp["plan"]), m=growth["mask_value"])
+            self._masks = self._growth_masks(MaskPlan(**self.growth_ramp["plan"]), m=growth["mask_value"])
         if "rng" in checkpoint:  # last: rebuilding the network above draws from the generator
             restore_rng_state(checkpoint["rng"])
 

@@ -239,10 +239,11 @@ def _growth(ramp_steps: int) -> list[str]:
             f'"init_args": {{"stages": [{stage}]}}}}']
 
 
-@pytest.mark.parametrize("layouts,ramp_steps", [(["1x2x1", "2x1x1"], 3), (["1x1x2", "2x2x2"], 0)])
+@pytest.mark.parametrize("layouts,ramp_steps", [(["1x2x1", "2x1x1"], 3), (["1x1x2", "2x2x2"], 3), (["2x2x2"], 0)])
 def test_growth_under_the_strategy_is_the_one_process_growth(config, tmp_path, layouts, ramp_steps):
-    """Gather, grow, re-shard: FSDP and pipeline layouts (with the mask ramp) and tensor parallel ones
-    (without) train the grown model exactly as one process does, AdamW state carried over."""
+    """Gather, grow, re-shard: FSDP, pipeline and tensor-parallel layouts train the grown model exactly as
+    one process does, AdamW state carried over, through the mask ramp (masks cut per tensor-parallel
+    shard, masked norm statistics on sequence-parallel slices) and without one."""
     plain = train_layout(config, layout_overrides(None, GLOBAL_BATCH, STEPS) + _growth(ramp_steps), None)["train"]
     for layout in layouts:
         assert _max_diff(_losses(config, tmp_path / layout, layout, _growth(ramp_steps)), plain) < TOL, layout
@@ -257,9 +258,12 @@ def test_resume_mid_growth_ramp_at_another_layout(config, tmp_path):
 
 
 def test_growth_that_does_not_fit_the_layout_stops_before_training(config, tmp_path):
+    five_heads = ['--trainer.callbacks+={"class_path": "flm_lightning.callbacks.GrowthCallback", "init_args": '
+                  '{"stages": [{"at_step": 4, "arch": {"hidden_size": 80, "n_heads": 5}}]}}']
     with pytest.raises(Exception):
-        _losses(config, tmp_path, "1x1x2", _growth(3))
-    assert "ramp_steps > 0) under tensor_parallel_size > 1 is not supported" in (tmp_path / "1x1x2-logs" / "rank0.log").read_text()
+        _losses(config, tmp_path, "1x1x2", five_heads)
+    log = (tmp_path / "1x1x2-logs" / "rank0.log").read_text()
+    assert "GrowthCallback stage 0: trainer.strategy.tensor_parallel_size=2 does not divide model.arch.n_heads (5)" in log
 
 
 def test_main_py_launches_the_layout_and_resumes_from_last(config, tmp_path):

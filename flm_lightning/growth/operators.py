@@ -22,6 +22,7 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial
 
 from flm_lightning.errors import ConfigError
 from flm_lightning.model import FLMTransformer, ModelConfig
@@ -154,6 +155,7 @@ def masked_norm(norm: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tens
     output multiplied by c. With c all ones it is the plain norm."""
     xf = x.float()
     count = c.sum()
+    weight, bias = (_local_parameter(getattr(norm, name, None)) for name in ("weight", "bias"))
     if isinstance(norm, nn.LayerNorm):
         mean = (xf * c).sum(-1, keepdim=True) / count
         var = (((xf - mean) ** 2) * c).sum(-1, keepdim=True) / count
@@ -161,11 +163,24 @@ def masked_norm(norm: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tens
     else:
         ms = (xf * xf * c).sum(-1, keepdim=True) / count
         y = xf * torch.rsqrt(ms + (norm.eps if norm.eps is not None else torch.finfo(xf.dtype).eps))
-    if norm.weight is not None:
-        y = y * norm.weight.float()
-    if getattr(norm, "bias", None) is not None:
-        y = y + norm.bias.float()
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
     return (y * c).to(x.dtype)
+
+
+def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The local values of a tensor-parallel (DTensor) activation; plain tensors as they are."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _local_parameter(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A replicated norm parameter applied to this rank's slice of the sequence: its gradient from
+    here is a partial sum over the tensor-parallel ranks (reduced by DTensor, as for an unmasked norm)."""
+    if isinstance(p, DTensor):
+        return p.to_local(grad_placements=[Partial()] * p.device_mesh.ndim)
+    return p
 
 
 @dataclass
@@ -188,11 +203,16 @@ class MaskPlan:
 
 
 class GrowthMasks:
-    """Forward hooks that apply one growth event's masks at value `m`; `remove()` folds them."""
+    """Forward hooks that apply one growth event's masks at value `m`; `remove()` folds them.
 
-    def __init__(self, model: FLMTransformer, plan: MaskPlan, m: float = 0.0):
+    Under tensor parallelism the FFN and head masks are cut to rank `tp_rank`'s contiguous slice
+    of the columns; hidden-size masks act on full-width activations.
+    """
+
+    def __init__(self, model: FLMTransformer, plan: MaskPlan, m: float = 0.0, tp_rank: int = 0):
         self.plan = plan
         self.m = m
+        self.tp_rank = tp_rank
         self._handles = []
         p = plan
         hook = self._handles.append
@@ -219,15 +239,19 @@ class GrowthMasks:
             hook(layer.attention.register_forward_hook(self._scale_branch()))
             hook(layer.feed_forward.register_forward_hook(self._scale_branch()))
 
-    def _vector(self, n_old: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    def _vector(self, n_old: int, n: int, like: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """1 for the n_old old coordinates, m for new ones, over coordinates offset .. offset + n."""
         c = torch.ones(n, dtype=torch.float32, device=like.device)
-        c[n_old:] = self.m
+        c[max(n_old - offset, 0):] = self.m
         return c
 
     def _scale_input(self, n_old: int):
         def pre_hook(module, args):
-            x = args[0]
-            return (x * self._vector(n_old, x.shape[-1], x).to(x.dtype),) + tuple(args[1:])
+            x = _local(args[0])  # under tensor parallelism: this rank's slice of the columns
+            y = x * self._vector(n_old, x.shape[-1], x, offset=self.tp_rank * x.shape[-1]).to(x.dtype)
+            if isinstance(args[0], DTensor):
+                y = DTensor.from_local(y, args[0].device_mesh, args[0].placements)
+            return (y,) + tuple(args[1:])
         return pre_hook
 
     def _scale_output(self, n_old: int):
@@ -237,8 +261,9 @@ class GrowthMasks:
 
     def _norm(self):
         def hook(module, args, out):
-            x = args[0]
-            return masked_norm(module, x, self._vector(self.plan.old_hidden, x.shape[-1], x))
+            x = _local(args[0])  # a sequence-parallel norm sees a DTensor sharded on the sequence
+            y = masked_norm(module, x, self._vector(self.plan.old_hidden, x.shape[-1], x))
+            return DTensor.from_local(y, out.device_mesh, out.placements) if isinstance(out, DTensor) else y
         return hook
 
     def _scale_branch(self):

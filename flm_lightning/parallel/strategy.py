@@ -107,13 +107,10 @@ class FLMParallelStrategy(ModelParallelStrategy):
                      stages_per_rank=self.stages_per_rank, layout=self.layout, batch_size=batch_size)
         return dims
 
-    def check_growth_target(self, arch: ModelConfig, ramp_steps: int) -> None:
+    def check_growth_target(self, arch: ModelConfig) -> None:
         """Raise ConfigError if growing to `arch` cannot run at the current layout."""
         check_layout(self.dims, arch, micro_batches=self.micro_batches, schedule=self.schedule,
                      stages_per_rank=self.stages_per_rank, layout=self.layout)
-        if self.dims.tp > 1 and ramp_steps > 0:
-            raise ConfigError("a growth mask ramp (ramp_steps > 0) under tensor_parallel_size > 1 is not supported "
-                              "yet: use ramp_steps: 0, or tensor_parallel_size: 1 for the growing stage")
 
     def setup_environment(self) -> None:
         module = self.lightning_module
