@@ -343,12 +343,8 @@ class FLMLightningModule(L.LightningModule):
         norm = self.grad_norm()
         # Before clipping (Lightning clips after this hook): the norm a spike detector wants.
         self.log("train/grad_norm", norm)
-        if clip and float(norm) > clip:
-            # Manual optimisation: Lightning does not clip, so trainer.gradient_clip_val is applied here.
-            coef = clip / (float(norm) + 1e-6)
-            for p in self.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+        if clip:  # manual optimisation: Lightning does not clip, so trainer.gradient_clip_val is applied here
+            torch.nn.utils.clip_grads_with_norm_(self.parameters(), clip, norm)
 
     def build_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.AdamW:
         """AdamW for `model` (default: the current network): μP groups (LR per role) when μP is on."""
@@ -357,6 +353,7 @@ class FLMLightningModule(L.LightningModule):
         # fp16 loss scaling unscales inside a fused step, so clipping would see scaled gradients.
         loss_scaling = self._trainer is not None and self.trainer.precision == "16-mixed"
         return build_adamw(model, self.optim_cfg, groups, allow_fused=not loss_scaling)
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for any fused optimizer (fp16 unscales
         # inside the step); bf16 has no loss scaling, so the gradients are clipped here directly.
