@@ -134,9 +134,10 @@ class TrainingGuard(Callback):
             rank_zero_warn("rollback requested but no checkpoint exists yet: the update is skipped instead")
             return
         ckpt = trainer.strategy.load_checkpoint(candidates[-1])
-        pl_module.load_state_dict(ckpt["state_dict"])
-        for optimizer, state in zip(trainer.optimizers, ckpt.get("optimizer_states", [])):
-            optimizer.load_state_dict(state)
+        if "state_dict" in ckpt:  # a single file: the strategy returns it to be loaded here
+            trainer.strategy.load_model_state_dict(ckpt)
+            trainer.strategy.load_optimizer_state_dict(ckpt)
+        # else FLMParallelStrategy has loaded the sharded weights and optimizer state in place
         self.rollbacks += 1
         pl_module.log("guard/rollbacks", float(self.rollbacks))
         rank_zero_warn(f"rolled back to {candidates[-1].name} (step {ckpt.get('global_step')}); the data stream moves on")

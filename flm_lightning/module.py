@@ -2,7 +2,9 @@
 
 The network is built in `configure_model` so a strategy can build it under its own device
 or meta context and shard it; everything else (parallelism, growth, μP) is applied from
-outside by strategies and callbacks.
+outside by strategies and callbacks. Every layout, one process included, trains with the same
+step (`flm_lightning.engine.StepEngine`): one `training_step` per optimizer step over all its
+micro-batches, normalised by the step's trained tokens, one gradient norm, clipping, AdamW.
 """
 
 from __future__ import annotations
@@ -17,20 +19,18 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from flm_lightning.callbacks.throughput import logging_step
 from flm_lightning.checkpoint import arch_from_checkpoint, load_checkpoint, model_weights
 from flm_lightning.errors import ConfigError, DataError
 from flm_lightning.model import FLMTransformer, ModelConfig, count_model
+from flm_lightning.engine import StepEngine, StepStats
 from flm_lightning.mup import MuP, MuPConfig
-from flm_lightning.objective import LossParts, freelm_loss
 from flm_lightning.growth import GrowthMasks, MaskPlan, grow, mask_value, transfer_adam_state
 from flm_lightning.parallel.compute import apply_activation_checkpointing, apply_compile, check_checkpoint_mode
 from flm_lightning.optim import LR_POLICIES, OptimConfig, build_adamw, build_scheduler
 from flm_lightning.parallel.growth import full_optimizer_state, gather_for_growth, load_full_optimizer_state
 from flm_lightning.parallel.parallelize import initialize_sharded
-from flm_lightning.parallel.runtime import ParallelRuntime
 from flm_lightning.parallel.strategy import FLMParallelStrategy
 
 
@@ -113,8 +113,10 @@ class FLMLightningModule(L.LightningModule):
             "compile": compile,
         })
         self.model: Optional[FLMTransformer] = None
-        self.parallel: Optional[ParallelRuntime] = None  # set under FLMParallelStrategy
-        self.flops_per_batch: Optional[int] = None
+        self.engine: Optional[StepEngine] = None  # the step for this rank's model and layout
+        self.flops_per_batch: Optional[int] = None  # model FLOPs of one optimizer step's batch on this rank
+        self.last_loss: Optional[torch.Tensor] = None  # the last step's loss (read by TrainingGuard)
+        self._grad_norm: Optional[torch.Tensor] = None  # this step's global gradient norm, computed once
         # Growth state (saved in checkpoints): LR events, the ramp in progress, the history.
         self.lr_events: list[dict] = []
         self.growth_ramp: Optional[dict] = None
@@ -123,15 +125,19 @@ class FLMLightningModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_lm_loss = MeanMetric()
         self.val_teacher_loss = MeanMetric()
+        self.val_teacher_acc = MeanMetric()
         self.val_domain_loss = torch.nn.ModuleDict()
         self._val_domains: list[tuple[str, float]] = []
-        accuracy = dict(num_classes=self.arch.padded_vocab_size, average="micro")
-        self.train_teacher_acc = MulticlassAccuracy(**accuracy)
-        self.val_teacher_acc = MulticlassAccuracy(**accuracy)
 
     # ---- construction --------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self._trainer is not None and stage == "fit":
+            self._check_step_settings(datamodule)
+            # The step runs its micro-batches, clipping and the optimizer itself (manual optimisation).
+            # Set after Lightning's configuration checks, which refuse gradient_clip_val under manual
+            # optimisation: here it keeps its meaning and is applied in on_before_optimizer_step.
+            self.automatic_optimization = False
         data_vocab = getattr(datamodule, "tokenizer_vocab_size", None)
         if data_vocab is not None and data_vocab > self.arch.vocab_size:
             raise ConfigError(
@@ -146,6 +152,31 @@ class FLMLightningModule(L.LightningModule):
         for name, _ in self._val_domains:
             if name not in self.val_domain_loss:
                 self.val_domain_loss[name] = MeanMetric().to(self.device)
+
+    def _check_step_settings(self, datamodule: Any) -> None:
+        trainer = self.trainer
+        if trainer.accumulate_grad_batches != 1:
+            raise ConfigError(
+                f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} is not used: set "
+                "data.init_args.global_batch_size (samples per optimizer step over all data-parallel ranks); each "
+                "step then runs global_batch_size / (batch_size x data-parallel ranks) micro-batches"
+            )
+        if trainer.world_size > 1 and not isinstance(trainer.strategy, FLMParallelStrategy):
+            raise ConfigError(
+                f"trainer.strategy: {type(trainer.strategy).__name__} on {trainer.world_size} processes would "
+                "normalise each rank's loss by its own tokens; use flm_lightning.parallel.FLMParallelStrategy "
+                "(data parallel alone: tensor_parallel_size 1, pipeline_parallel_size 1)"
+            )
+        if trainer.gradient_clip_algorithm not in (None, "norm"):
+            raise ConfigError(f"trainer.gradient_clip_algorithm must be 'norm', got {trainer.gradient_clip_algorithm!r}")
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self.automatic_optimization = True  # as constructed: a later fit passes Lightning's checks again
+
+    def _micro_batches(self) -> int:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return int(getattr(datamodule, "micro_batches", 1))
 
     @property
     def mup(self) -> Optional[MuP]:
@@ -165,11 +196,12 @@ class FLMLightningModule(L.LightningModule):
         if not isinstance(strategy, FLMParallelStrategy):
             self._initialize(load)
             self._apply_compute(self.model)
+            self.engine = StepEngine(self.model, micro_batches=self._micro_batches())
             return
         on_meta = any(p.is_meta for p in self.model.parameters())
         if not on_meta:
             self._initialize(load)  # every rank the same full model (same seed): layouts start identical
-        self.parallel = strategy.parallelize(self.model, self._apply_compute)  # split, TP, compute, FSDP
+        self.engine = strategy.parallelize(self.model, self._apply_compute)  # split, TP, compute, FSDP
         if on_meta:
             self.model.to_empty(device=strategy.root_device)
             self.model.rotary.reset_tables()
@@ -211,7 +243,7 @@ class FLMLightningModule(L.LightningModule):
         if diff:
             raise ConfigError(f"model.init_from {path}: model.arch differs from the checkpoint's in {diff} (checkpoint, config)")
         weights = model_weights(ckpt)
-        if self.parallel is None:
+        if not self.sharded:
             self.model.load_state_dict(weights)
             return
         # A sharded (and possibly pipeline-pruned) model takes the full tensors it holds a part of.
@@ -222,72 +254,62 @@ class FLMLightningModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.model(input_ids, position_ids=position_ids)
 
-    # ---- steps ---------------------------------------------------------------------------
-    def _loss(self, batch: dict[str, torch.Tensor]) -> LossParts:
-        logits = self.model(
-            batch["input_ids"], position_ids=batch.get("position_ids"), attention_mask=batch.get("attention_mask")
-        )
-        return freelm_loss(logits, batch)
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is split or sharded over processes (FLMParallelStrategy)."""
+        return self.engine is not None and self.engine.mesh is not None
 
+    # ---- steps ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One optimizer step over this rank's share of the global batch (all its micro-batches)."""
         if self.flops_per_batch is None:
             bsz, seq = batch["input_ids"].shape
             self.flops_per_batch = count_model(self.arch, seq_len=seq).flops_per_token * bsz * seq
-        if self.parallel is not None:
-            return self._parallel_training_step(batch)
-        parts = self._loss(batch)
-        self._log_train(parts.loss.detach(), parts)
-        return parts.loss
-
-    def _parallel_training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Manual optimisation under FLMParallelStrategy: the same update as the automatic path."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        step = self.global_step
         optimizer.zero_grad(set_to_none=True)
-        result = self.parallel.train_step(batch, self.manual_backward)
-        self._log_train(result.loss, result.parts)
-        optimizer.step()  # runs on_before_optimizer_step: the guard, then norm logging and clipping
+        stats = self.engine.train_step(batch, self.manual_backward)
+        self.last_loss, self._grad_norm = stats.loss, None
+        optimizer.step()  # runs on_before_optimizer_step: the guard, then the norm and clipping
         scheduler.step()
-        return result.loss
+        self.log("train/loss", stats.loss, prog_bar=True, logger=False)
+        self._log_step(stats, step)
+        return stats.loss
 
-    def _log_train(self, loss: torch.Tensor, parts: Optional[LossParts]) -> None:
-        self.last_loss = loss.detach()  # read by TrainingGuard before the optimizer step
-        self.log("train/loss", loss, prog_bar=True)
-        write = logging_step(self.trainer, self.global_step + 1)  # values of other steps are never written
-        if write:
-            self.log("train/ppl", torch.exp(loss.detach()))
-        if parts is None:  # pipeline parallel: only the total loss leaves the last stage
+    def _log_step(self, stats: StepStats, step: int) -> None:
+        """Write this optimizer step's values, and only them, on logging steps (at Lightning's step index).
+
+        Written straight to the loggers: a value a step does not have (no teacher tokens in it) is
+        left out instead of repeating an earlier step's."""
+        if not self.loggers or not logging_step(self.trainer, step + 1):
             return
-        if write and parts.lm_tokens > 0:
-            self.log("train/lm_loss", parts.lm_loss)
-        if parts.teacher_preds is not None:
-            self.log("train/teacher_loss", parts.teacher_loss)
-            self.train_teacher_acc(parts.teacher_preds, parts.teacher_targets)
-            self.log("train/teacher_acc", self.train_teacher_acc)
+        metrics = {"train/loss": stats.loss, "train/ppl": torch.exp(stats.loss)}
+        if stats.lm_tokens > 0:
+            metrics["train/lm_loss"] = stats.lm_loss
+        if stats.teacher_tokens > 0:
+            metrics["train/teacher_loss"] = stats.teacher_loss
+            metrics["train/teacher_acc"] = stats.teacher_acc
+        if self._grad_norm is not None:
+            metrics["train/grad_norm"] = self._grad_norm
+        metrics = {k: float(v) for k, v in metrics.items()}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.parallel is not None:
-            loss_sum, tokens, parts = self.parallel.eval_step(batch)
-            if parts is None:  # pipeline: only the language-model loss leaves the last stage
-                self._update_val_lm(loss_sum / tokens.clamp(min=1), tokens, dataloader_idx)
-                return
-        else:
-            parts = self._loss(batch)
-        if parts.teacher_preds is not None:
-            self.val_teacher_loss.update(parts.teacher_loss, weight=parts.teacher_tokens)
-            self.val_teacher_acc.update(parts.teacher_preds, parts.teacher_targets)
-        if parts.lm_tokens > 0:
-            self._update_val_lm(parts.lm_loss, parts.lm_tokens, dataloader_idx)
+        stats = self.engine.eval_step(batch)
+        if stats.teacher_tokens > 0:
+            self.val_teacher_loss.update(stats.teacher_loss, weight=stats.teacher_tokens)
+            self.val_teacher_acc.update(stats.teacher_acc, weight=stats.teacher_tokens)
+        if stats.lm_tokens > 0:
+            self._update_val_lm(stats.lm_loss, stats.lm_tokens, dataloader_idx)
 
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> float:
-        """This rank's loss of `batch` with dropout off (under pipeline parallelism, from the last stage)."""
+        """This rank's per-token loss of `batch` with dropout off (the same on every pipeline stage)."""
         training = self.model.training
         self.model.eval()
         try:
-            if self.parallel is not None:
-                loss_sum, tokens, _ = self.parallel.eval_step(batch)
-                return float(loss_sum / tokens.clamp(min=1))
-            return float(self._loss(batch).loss)
+            return float(self.engine.eval_step(batch).loss)
         finally:
             self.model.train(training)
 
@@ -328,22 +350,22 @@ class FLMLightningModule(L.LightningModule):
             )
 
     def grad_norm(self) -> Optional[torch.Tensor]:
-        """L2 norm of all gradients (over every shard and stage under the parallel strategy); None without any."""
-        if self.parallel is not None:
-            return self.parallel.grad_norm(self.parameters())
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads) if grads else None
+        """L2 norm of all gradients of this step (over every shard and stage), computed once per step
+        and shared by the guard, clipping and the logs; None without any gradient."""
+        if self._grad_norm is None:
+            if not any(p.grad is not None for p in self.parameters()):
+                return None
+            self._grad_norm = self.engine.grad_norm(self.parameters())
+        return self._grad_norm
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        clip = self.trainer.gradient_clip_val if not self.automatic_optimization else None
+        clip = self.trainer.gradient_clip_val
         if not clip and not logging_step(self.trainer, self.global_step + 1):
             return  # the norm is only written on logging steps
         if not any(p.grad is not None for p in self.parameters()):
             return  # e.g. the guard dropped this update
         norm = self.grad_norm()
-        # Before clipping (Lightning clips after this hook): the norm a spike detector wants.
-        self.log("train/grad_norm", norm)
-        if clip:  # manual optimisation: Lightning does not clip, so trainer.gradient_clip_val is applied here
+        if clip:  # the norm before clipping is what is logged (what a spike detector wants)
             torch.nn.utils.clip_grads_with_norm_(self.parameters(), clip, norm)
 
     def build_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.AdamW:
@@ -353,18 +375,6 @@ class FLMLightningModule(L.LightningModule):
         # fp16 loss scaling unscales inside a fused step, so clipping would see scaled gradients.
         loss_scaling = self._trainer is not None and self.trainer.precision == "16-mixed"
         return build_adamw(model, self.optim_cfg, groups, allow_fused=not loss_scaling)
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # Lightning's mixed-precision plugin refuses to clip for any fused optimizer (fp16 unscales
-        # inside the step); bf16 has no loss scaling, so the gradients are clipped here directly.
-        if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused") and self.trainer.precision == "bf16-mixed":
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            if gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-            return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.build_optimizer()
@@ -381,7 +391,7 @@ class FLMLightningModule(L.LightningModule):
         Inside `fit` the optimizer is rebuilt and its AdamW state carried over here; without a
         trainer (offline growth) the caller does that with the returned (old model, origins).
         """
-        if self.parallel is not None:
+        if self.sharded:
             self.trainer.strategy.check_growth_target(target)
         step = self.global_step if step is None else step
         self.advance_growth_ramp(step)  # a ramp that ends exactly now is folded first
@@ -395,8 +405,9 @@ class FLMLightningModule(L.LightningModule):
         in_fit = self._trainer is not None and self.trainer.training
         old_model, old_arch = self.model, self.arch
         old_opt = self.trainer.optimizers[0] if in_fit else None
-        if self.parallel is not None:  # grow a gathered full copy, exactly as one process would
-            old_model, old_opt = gather_for_growth(self.parallel, self.model, old_opt, old_arch, self.build_optimizer)
+        sharded = self.sharded
+        if sharded:  # grow a gathered full copy, exactly as one process would
+            old_model, old_opt = gather_for_growth(self.engine, self.model, old_opt, old_arch, self.build_optimizer)
         initialize = MuP(self.mup_cfg, target, self.optim_cfg.lr).initialize if self.mup_cfg is not None else None
         grown, origin, sources, plan = grow(old_model, target, mode=mode, init=init, order=order, seed=seed,
                                             initialize=initialize)
@@ -406,15 +417,16 @@ class FLMLightningModule(L.LightningModule):
         self.lr_events.append({"step": step, "policy": lr_policy, "rewarmup_steps": rewarmup_steps})
         self.growth_history.append({"step": step, "from": old_arch.to_dict(), "to": target.to_dict(),
                                     "layer_sources": [str(x) for x in sources]})
-        if self.parallel is not None:  # (only inside fit: the strategy exists there)
+        if sharded:  # (only inside fit: the strategy exists there)
             grown_opt = self.build_optimizer(grown)
             transfer_adam_state(old_opt, old_model, grown_opt, grown, origin, optimizer_step)
             state = full_optimizer_state(grown, grown_opt)
-            self.parallel = self.trainer.strategy.parallelize(grown, self._apply_compute)  # split and shard it
+            self.engine = self.trainer.strategy.parallelize(grown, self._apply_compute)  # split and shard it
             self.trainer.strategy.setup_optimizers(self.trainer)  # configure_optimizers on the sharded model
             load_full_optimizer_state(self.model, self.trainer.optimizers[0], state)
         else:
             self._apply_compute(grown)
+            self.engine = StepEngine(grown, micro_batches=self._micro_batches())
             if in_fit:
                 self.trainer.strategy.setup_optimizers(self.trainer)  # configure_optimizers on the grown model
                 transfer_adam_state(old_opt, old_model, self.trainer.optimizers[0], grown, origin, optimizer_step)
@@ -424,8 +436,7 @@ class FLMLightningModule(L.LightningModule):
         return old_model, origin
 
     def _growth_masks(self, plan: MaskPlan, m: float) -> GrowthMasks:
-        tp_rank = self.parallel.mesh["tp"].get_local_rank() if self.parallel is not None else 0
-        return GrowthMasks(self.model, plan, m=m, tp_rank=tp_rank)
+        return GrowthMasks(self.model, plan, m=m, tp_rank=self.engine.tp_rank if self.engine is not None else 0)
 
     def _fold_masks(self) -> None:
         if self._masks is not None:
@@ -468,6 +479,7 @@ class FLMLightningModule(L.LightningModule):
             with torch.device(device or "cpu"):
                 self.model = FLMTransformer(saved)
             self._apply_compute(self.model)
+            self.engine = StepEngine(self.model, micro_batches=self._micro_batches())
             self.flops_per_batch = None
         self.lr_events[:] = growth.get("lr_events", [])
         self.growth_history = growth.get("history", [])

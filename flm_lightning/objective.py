@@ -1,4 +1,4 @@
-"""The FreeLM-unified objective (DESIGN.md section 3).
+"""The FreeLM-unified objective.
 
 FLM-101B folded FreeLM's teacher signal into plain causal language modelling: a teacher
 sample `<text> <proposition> <label token>` is scored on its label token only (the data
@@ -26,14 +26,26 @@ from torch.distributed.tensor import DTensor
 
 @dataclass
 class LossParts:
-    loss: torch.Tensor  # mean CE over all unmasked targets (what is optimised)
-    tokens: torch.Tensor  # number of unmasked targets
+    """Sums of one (micro-)batch's token losses, split by kind; every mean derives from them.
+
+    Sums, not means, so micro-batches and data-parallel ranks combine exactly: the loss of a step is
+    the sum of its token losses over the trained tokens of the whole step (`StepStats`).
+    """
+
+    loss_sum: torch.Tensor  # sum of the CE of all trained targets (fp32 scalar, differentiable)
+    tokens: torch.Tensor  # number of trained targets
     lm_loss_sum: torch.Tensor
     lm_tokens: torch.Tensor
     teacher_loss_sum: torch.Tensor
     teacher_tokens: torch.Tensor
+    teacher_correct: torch.Tensor  # teacher label tokens predicted by argmax
     teacher_preds: Optional[torch.Tensor]  # argmax at teacher label positions
     teacher_targets: Optional[torch.Tensor]
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """Mean CE over the trained targets (what one batch alone would optimise)."""
+        return self.loss_sum / self.tokens.clamp(min=1)
 
     @property
     def lm_loss(self) -> torch.Tensor:
@@ -42,6 +54,16 @@ class LossParts:
     @property
     def teacher_loss(self) -> torch.Tensor:
         return self.teacher_loss_sum / self.teacher_tokens.clamp(min=1)
+
+    def sums(self) -> torch.Tensor:
+        """The detached sums as one fp32 vector in `STAT_FIELDS` order (one collective reduces them all)."""
+        values = [self.loss_sum, self.tokens, self.lm_loss_sum, self.lm_tokens, self.teacher_loss_sum,
+                  self.teacher_tokens, self.teacher_correct]
+        return torch.stack([v.detach().to(torch.float32).reshape(()) for v in values])
+
+
+STAT_FIELDS = ("loss_sum", "tokens", "lm_loss_sum", "lm_tokens", "teacher_loss_sum", "teacher_tokens",
+               "teacher_correct")
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -115,18 +137,21 @@ def freelm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> LossPar
     lm_mask = mask - teacher_mask
     tokens = mask.sum()
     preds = targets = None
+    correct = torch.zeros((), device=labels.device)
     if bool(is_teacher.any()):
         sel = teacher_mask.bool()
         full = logits.detach().full_tensor() if isinstance(logits, DTensor) else logits.detach()
         preds = full[sel].argmax(dim=-1)
         targets = labels[sel]
+        correct = (preds == targets).sum().to(torch.float32)
     return LossParts(
-        loss=ce.sum() / tokens.clamp(min=1),
+        loss_sum=ce.sum(),
         tokens=tokens,
         lm_loss_sum=(ce * (1 - teacher_rows)).sum(),
         lm_tokens=lm_mask.sum(),
         teacher_loss_sum=(ce * teacher_rows).sum(),
         teacher_tokens=teacher_mask.sum(),
+        teacher_correct=correct,
         teacher_preds=preds,
         teacher_targets=targets,
     )

@@ -30,6 +30,25 @@ from flm_lightning.errors import ConfigError, DataError
 TEACHER_DOMAIN = "teacher"
 
 
+def micro_batches_per_step(global_batch_size: Optional[int], batch_size: int, dp: int) -> int:
+    """Micro-batches of `batch_size` samples that each of `dp` data-parallel ranks runs per optimizer step.
+
+    This is gradient accumulation and, under pipeline parallelism, the schedule's micro-batches:
+    one concept in every layout. `global_batch_size` None means one micro-batch per step.
+
+    Raises:
+        ConfigError: when `global_batch_size` is not a multiple of `batch_size x dp`.
+    """
+    if global_batch_size is None:
+        return 1
+    if global_batch_size % (batch_size * dp):
+        raise ConfigError(
+            f"data.global_batch_size={global_batch_size} is not a multiple of data.batch_size x data-parallel ranks "
+            f"= {batch_size} x {dp}; each optimizer step must run a whole number of micro-batches on every rank"
+        )
+    return global_batch_size // (batch_size * dp)
+
+
 class MixtureDataModule(L.LightningDataModule):
     """Packed causal-LM batches from a weighted mixture of prepared domains, plus FreeLM teacher
     samples, in an order that resumes exactly (see `flm_lightning.data.mixture`).
@@ -37,7 +56,10 @@ class MixtureDataModule(L.LightningDataModule):
     Args:
         sources: the domains (prepared directories, weights, epoch caps).
         seq_len: tokens per sample.
-        batch_size: samples per batch and device.
+        batch_size: samples per micro-batch and data-parallel rank (what one forward pass sees).
+        global_batch_size: samples per optimizer step over all data-parallel ranks; default
+            `batch_size` x data-parallel ranks (no accumulation). Each step runs
+            `global_batch_size / (batch_size x dp)` micro-batches (see `micro_batches_per_step`).
         seed: seeds the per-epoch window permutations and the teacher split.
         teacher: FreeLM teacher / instruction data mixed into every batch.
         reset_at_document_boundaries: restart positions and attention at every end of document.
@@ -50,6 +72,7 @@ class MixtureDataModule(L.LightningDataModule):
         sources: Optional[list[SourceSpec]] = None,
         seq_len: int = 256,
         batch_size: int = 16,
+        global_batch_size: Optional[int] = None,
         seed: int = 1234,
         teacher: Optional[TeacherSpec] = None,
         reset_at_document_boundaries: bool = False,
@@ -57,7 +80,9 @@ class MixtureDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ):
         super().__init__()
-        for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("global_batch_size", global_batch_size)):
+            if name == "global_batch_size" and value is None:
+                continue
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"data.{name} must be a positive integer, got {value}")
         if num_workers < 0:
@@ -71,7 +96,7 @@ class MixtureDataModule(L.LightningDataModule):
         self.teacher = teacher if teacher is None or isinstance(teacher, TeacherSpec) else TeacherSpec(**teacher)
         if self.teacher is not None and not 0 < self.teacher.ratio < 1:
             raise ConfigError(f"data.teacher.ratio must be in (0, 1), got {self.teacher.ratio}")
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.seq_len, self.batch_size, self.global_batch_size, self.seed = seq_len, batch_size, global_batch_size, seed
         self.reset = reset_at_document_boundaries
         self.val_windows, self.num_workers = val_windows, num_workers
         self.consumed_samples = 0
@@ -127,21 +152,28 @@ class MixtureDataModule(L.LightningDataModule):
         return domains
 
     # ---- loaders -------------------------------------------------------------------------------
-    def _world(self) -> tuple[int, int, int]:
+    def _world(self) -> tuple[int, int]:
+        """(data-parallel rank, data-parallel size): tensor and pipeline peers read the same samples."""
         trainer = self.trainer
         if trainer is None:
-            return 0, 1, 1
-        # Data-parallel rank and size: tensor and pipeline peers read the same samples.
+            return 0, 1
         shard = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None) or {}
-        return shard.get("rank", trainer.global_rank), shard.get("num_replicas", trainer.world_size), \
-            trainer.accumulate_grad_batches
+        return shard.get("rank", trainer.global_rank), shard.get("num_replicas", trainer.world_size)
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank (see `micro_batches_per_step`)."""
+        return micro_batches_per_step(self.global_batch_size, self.batch_size, self._world()[1])
 
     def global_batch(self) -> int:
-        _, world, accumulate = self._world()
-        return self.batch_size * world * accumulate
+        """Samples per optimizer step over all data-parallel ranks."""
+        return self.batch_size * self.micro_batches * self._world()[1]
 
     def train_dataloader(self) -> DataLoader:
-        rank, world, _ = self._world()
+        """One batch per optimizer step: this rank's `micro_batches x batch_size` samples of the step's
+        global batch, in the stream's order (the step splits it into micro-batches)."""
+        rank, world = self._world()
+        step_rows = self.batch_size * self.micro_batches
         max_steps = getattr(self.trainer, "max_steps", -1) if self.trainer is not None else -1
         caps = [None if s.epochs is None else int(s.epochs * len(p)) for s, p in zip(self.sources, self.train_parts)]
         if max_steps and max_steps > 0:
@@ -154,11 +186,13 @@ class MixtureDataModule(L.LightningDataModule):
             parts.append(self.teacher_train)
             caps.append(None)
         dataset = MixtureDataset(parts, weights, caps, total, self.seed)
-        sampler = ResumableSampler(self.consumed_samples, total, self.batch_size, rank, world)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+        sampler = ResumableSampler(self.consumed_samples, total, step_rows, rank, world)
+        return DataLoader(dataset, batch_size=step_rows, sampler=sampler, num_workers=self.num_workers,
                           drop_last=True, generator=self._generator())
 
     def val_dataloader(self) -> list[DataLoader]:
+        """Batches of one step's rows per rank (`micro_batches x batch_size`), split into micro-batches by
+        the step as in training."""
         sets = []
         for part in self.val_parts:
             if len(part):
@@ -167,19 +201,20 @@ class MixtureDataModule(L.LightningDataModule):
             sets.append(self.teacher_val)
         if not sets:
             raise DataError("data: no validation data (prepare with --val-fraction > 0)")
-        rank, world, _ = self._world()
+        rank, world = self._world()
+        rows = self.batch_size * self.micro_batches
         if world == 1:
-            return [DataLoader(s, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+            return [DataLoader(s, batch_size=rows, shuffle=False, num_workers=self.num_workers,
                                generator=self._generator()) for s in sets]
         # Data-parallel ranks split each global batch of windows (as in training). Every rank must run
         # the same number of batches (sharded models gather in forward), so a last partial global
         # batch is left out.
         for s in sets:
-            if len(s) < self.batch_size * world:
+            if len(s) < rows * world:
                 raise DataError(f"data: a validation set of {len(s)} windows is smaller than one global batch "
-                                f"({self.batch_size} x {world} data-parallel ranks); lower data.batch_size")
-        return [DataLoader(s, batch_size=self.batch_size, num_workers=self.num_workers, generator=self._generator(),
-                           sampler=ResumableSampler(0, len(s), self.batch_size, rank, world)) for s in sets]
+                                f"({rows} x {world} data-parallel ranks); lower data.batch_size")
+        return [DataLoader(s, batch_size=rows, num_workers=self.num_workers, generator=self._generator(),
+                           sampler=ResumableSampler(0, len(s), rows, rank, world)) for s in sets]
 
     def _generator(self) -> torch.Generator:
         # Its own generator: creating an iterator must not draw from the global RNG, or a resumed
@@ -209,7 +244,9 @@ class TextDataModule(MixtureDataModule):
         tokenizer: a tokenizer.json to use; by default a byte-level BPE of `vocab_size` is trained.
         vocab_size: size of the trained BPE (ignored with `tokenizer`).
         seq_len: tokens per sample.
-        batch_size: samples per batch and device.
+        batch_size: samples per micro-batch and data-parallel rank.
+        global_batch_size: samples per optimizer step over all data-parallel ranks (default: no
+            accumulation); see `MixtureDataModule`.
         val_fraction: fraction of documents held out for validation.
         seed: seeds the split and the order.
         cache_dir: where the prepared corpus is cached.
@@ -224,6 +261,7 @@ class TextDataModule(MixtureDataModule):
         vocab_size: int = 2048,
         seq_len: int = 256,
         batch_size: int = 16,
+        global_batch_size: Optional[int] = None,
         val_fraction: float = 0.05,
         seed: int = 1234,
         cache_dir: str = ".cache/flm_lightning",
@@ -236,8 +274,8 @@ class TextDataModule(MixtureDataModule):
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.corpus, self.tokenizer_path, self.vocab_size, self.val_fraction = corpus, tokenizer, vocab_size, val_fraction
         self.cache_root = Path(cache_dir)
-        super().__init__(sources=[], seq_len=seq_len, batch_size=batch_size, seed=seed, num_workers=num_workers,
-                         reset_at_document_boundaries=reset_at_document_boundaries)
+        super().__init__(sources=[], seq_len=seq_len, batch_size=batch_size, global_batch_size=global_batch_size,
+                         seed=seed, num_workers=num_workers, reset_at_document_boundaries=reset_at_document_boundaries)
         self.save_hyperparameters()
         self.sources = [SourceSpec(path=str(self.cache_path), name=corpus if corpus == BUILTIN else "text")]
 

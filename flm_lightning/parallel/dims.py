@@ -56,9 +56,11 @@ class ParallelDims:
 
 
 def check_layout(dims: ParallelDims, arch: ModelConfig, *, seq_len: Optional[int] = None, micro_batches: int = 1,
-                 schedule: str = "1f1b", stages_per_rank: int = 1, layout: Optional[list[int]] = None,
-                 batch_size: Optional[int] = None) -> None:
-    """Raise ConfigError naming the first setting that makes `dims` unusable for `arch`."""
+                 schedule: str = "1f1b", stages_per_rank: int = 1, layout: Optional[list[int]] = None) -> None:
+    """Raise ConfigError naming the first setting that makes `dims` unusable for `arch`.
+
+    `micro_batches` is per optimizer step and data-parallel rank
+    (`flm_lightning.data.datamodule.micro_batches_per_step`)."""
     where = "trainer.strategy"
     if schedule not in SCHEDULES:
         raise ConfigError(f"{where}.schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
@@ -82,17 +84,14 @@ def check_layout(dims: ParallelDims, arch: ModelConfig, *, seq_len: Optional[int
             )
         if micro_batches < dims.pp:
             raise ConfigError(
-                f"{where}.micro_batches={micro_batches} is smaller than pipeline_parallel_size={dims.pp}: "
-                "the pipeline would idle; use at least as many micro-batches as stages"
+                f"{micro_batches} micro-batch(es) per step (data.global_batch_size / (data.batch_size x dp)) is "
+                f"fewer than pipeline_parallel_size={dims.pp}: the pipeline would idle; raise data.global_batch_size "
+                "or lower data.batch_size"
             )
         if schedule == "interleaved1f1b" and stages_per_rank < 2:
             raise ConfigError(f"{where}: schedule interleaved1f1b needs stages_per_rank >= 2")
         if schedule != "interleaved1f1b" and stages_per_rank != 1:
             raise ConfigError(f"{where}: stages_per_rank > 1 needs schedule interleaved1f1b, got {schedule!r}")
-        if batch_size is not None and batch_size % micro_batches:
-            raise ConfigError(
-                f"{where}.micro_batches={micro_batches} does not divide the per-rank batch size {batch_size}"
-            )
         if layout is not None:
             if len(layout) != stages or sum(layout) != arch.n_layers or min(layout) < 1:
                 raise ConfigError(

@@ -24,14 +24,14 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from flm_lightning.model import FLMTransformer, ModelConfig
-from flm_lightning.parallel.runtime import ParallelRuntime
+from flm_lightning.engine import StepEngine
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=False)  # full tensors on every rank
 FULL_FLAT = StateDictOptions(full_state_dict=True, cpu_offload=False, flatten_optimizer_state_dict=True)
 PLAIN_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)  # for a plain (unsharded) model
 
 
-def _merge_stages(runtime: ParallelRuntime, part: dict) -> dict:
+def _merge_stages(runtime: StepEngine, part: dict) -> dict:
     """Union over the pipeline ranks of their stages' (full) entries."""
     if runtime.dims.pp == 1:
         return part
@@ -40,7 +40,7 @@ def _merge_stages(runtime: ParallelRuntime, part: dict) -> dict:
     return {k: v for p in parts for k, v in p.items()}
 
 
-def gather_for_growth(runtime: ParallelRuntime, model: nn.Module, optimizer: torch.optim.Optimizer,
+def gather_for_growth(runtime: StepEngine, model: nn.Module, optimizer: torch.optim.Optimizer,
                       arch: ModelConfig, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
     """(full plain model, its AdamW with the full state) on every rank, from a sharded, split model."""
     weights = _merge_stages(runtime, get_model_state_dict(model, options=FULL))

@@ -5,8 +5,9 @@ mesh, parallelises the module's plain model (`parallelize`) when the module's `c
 asks for it, and checkpoints with torch.distributed.checkpoint under layout-independent names,
 so a run saved at one layout resumes at another.
 
-Training under it uses manual optimisation (the pipeline schedule runs forward and backward
-itself); `trainer.gradient_clip_val` keeps its meaning and is applied by the module.
+Training under it runs the module's one step (`flm_lightning.engine`): the micro-batches of a step
+are `data.global_batch_size / (data.batch_size x dp)`, the pipeline schedule's micro-batches when
+pp > 1; `trainer.gradient_clip_val` keeps its meaning and is applied by the module.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 
 from flm_lightning.checkpoint import DISTRIBUTED_METADATA as METADATA
+from flm_lightning.data.datamodule import micro_batches_per_step
+from flm_lightning.engine import StepEngine
 from flm_lightning.checkpoint import is_distributed_checkpoint
 from flm_lightning.errors import CheckpointError, ConfigError
 from flm_lightning.model import FLMTransformer, ModelConfig
 from flm_lightning.parallel.dims import MESH_DIMS, ParallelDims, check_layout
 from flm_lightning.parallel.parallelize import DTYPES, apply_fsdp, apply_tensor_parallel
 from flm_lightning.parallel.pipeline import build_schedule, split_for_rank, tied_embedding_group
-from flm_lightning.parallel.runtime import ParallelRuntime
 
 # Optimizer state keyed by parameter name: pipeline stages own different parameters, and the
 # nested format's per-group lists collide across stages in DCP (KeyError 'betas' on resume).
@@ -53,7 +55,6 @@ class FLMParallelStrategy(ModelParallelStrategy):
         tensor_parallel_size: tp degree (divides heads, ffn width, padded vocabulary, sequence).
         pipeline_parallel_size: number of pipeline ranks.
         data_parallel_size: dp degree; default: world size / (tp * pp).
-        micro_batches: pipeline micro-batches per step (>= pipeline_parallel_size).
         schedule: "gpipe", "1f1b" or "interleaved1f1b".
         stages_per_rank: virtual stages per pipeline rank (interleaved1f1b: >= 2).
         layout: explicit layer count of each stage (default: as even as possible).
@@ -74,7 +75,6 @@ class FLMParallelStrategy(ModelParallelStrategy):
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         data_parallel_size: Optional[int] = None,
-        micro_batches: int = 1,
         schedule: str = "1f1b",
         stages_per_rank: int = 1,
         layout: Optional[list[int]] = None,
@@ -91,7 +91,8 @@ class FLMParallelStrategy(ModelParallelStrategy):
             if value not in DTYPES:
                 raise ConfigError(f"trainer.strategy.{name} must be one of {list(DTYPES)}, got {value!r}")
         self.sizes = dict(tp=tensor_parallel_size, pp=pipeline_parallel_size, dp=data_parallel_size)
-        self.micro_batches, self.schedule, self.stages_per_rank = micro_batches, schedule, stages_per_rank
+        self.schedule, self.stages_per_rank = schedule, stages_per_rank
+        self.micro_batches = 1  # per step and rank: set from the data module in setup_environment
         self.layout = layout
         self.fsdp = dict(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                          reshard_after_forward=reshard_after_forward)
@@ -100,11 +101,16 @@ class FLMParallelStrategy(ModelParallelStrategy):
         self.dims: Optional[ParallelDims] = None
 
     # ---- layout ---------------------------------------------------------------------------------
-    def check(self, arch: ModelConfig, seq_len: Optional[int], batch_size: Optional[int]) -> ParallelDims:
-        """The layout for this world size, checked against the model and data (no collective yet)."""
+    def check(self, arch: ModelConfig, datamodule: Any) -> ParallelDims:
+        """The layout for this world size, checked against the model and data (no collective yet); sets
+        `micro_batches` from the data module's global and micro-batch sizes."""
         dims = ParallelDims.infer(self.num_nodes * self.num_processes, **self.sizes)
-        check_layout(dims, arch, seq_len=seq_len, micro_batches=self.micro_batches, schedule=self.schedule,
-                     stages_per_rank=self.stages_per_rank, layout=self.layout, batch_size=batch_size)
+        batch_size = getattr(datamodule, "batch_size", None)
+        if batch_size is not None:
+            self.micro_batches = micro_batches_per_step(getattr(datamodule, "global_batch_size", None), batch_size,
+                                                        dims.dp)
+        check_layout(dims, arch, seq_len=getattr(datamodule, "seq_len", None), micro_batches=self.micro_batches,
+                     schedule=self.schedule, stages_per_rank=self.stages_per_rank, layout=self.layout)
         return dims
 
     def check_growth_target(self, arch: ModelConfig) -> None:
@@ -115,16 +121,10 @@ class FLMParallelStrategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         module = self.lightning_module
         trainer = module.trainer
-        datamodule = getattr(trainer, "datamodule", None)
-        self.dims = self.check(module.arch, getattr(datamodule, "seq_len", None), getattr(datamodule, "batch_size", None))
-        if trainer.accumulate_grad_batches != 1:
-            raise ConfigError("trainer.accumulate_grad_batches must be 1 with FLMParallelStrategy: raise the "
-                              "batch size or use pipeline micro-batches")
+        self.dims = self.check(module.arch, getattr(trainer, "datamodule", None))
         super().setup_environment()  # process group (and Lightning's own 2D mesh, replaced below)
         self._device_mesh = init_device_mesh(self.root_device.type, self.dims.shape, mesh_dim_names=MESH_DIMS)
         module._device_mesh = self._device_mesh
-        # The pipeline schedule runs forward and backward itself: one manual step for every layout.
-        module.automatic_optimization = False
         rank_zero_info(f"FLMParallelStrategy: {self.dims} on {self.world_size} processes ({self.root_device.type})")
 
     @property
@@ -145,7 +145,7 @@ class FLMParallelStrategy(ModelParallelStrategy):
         return {"num_replicas": dp.size(), "rank": dp.get_local_rank()}
 
     def parallelize(self, model: FLMTransformer,
-                    compute: Optional[Callable[[FLMTransformer], None]] = None) -> ParallelRuntime:
+                    compute: Optional[Callable[[FLMTransformer], None]] = None) -> StepEngine:
         """Split (pp), shard (tp), apply `compute` (activation checkpointing, compile), then FSDP2 (dp),
         all in place (torchtitan's order); return what a step needs."""
         mesh, dims = self.device_mesh, self.dims
@@ -158,7 +158,8 @@ class FLMParallelStrategy(ModelParallelStrategy):
         if compute is not None:
             compute(model)
         apply_fsdp(model, mesh["dp"], roots=stages, **self.fsdp)
-        runtime = ParallelRuntime(dims=dims, mesh=mesh, model=model, loss_parallel=self.loss_parallel)
+        runtime = StepEngine(model=model, micro_batches=self.micro_batches, dims=dims, mesh=mesh,
+                             loss_parallel=self.loss_parallel)
         if dims.pp > 1:
             n_stages = dims.pp * self.stages_per_rank
             runtime.schedule = build_schedule(stages, stage_ids, n_stages, mesh["pp"], self.root_device,

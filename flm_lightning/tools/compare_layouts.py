@@ -2,7 +2,7 @@
 train the same config at several (pp x dp x tp) layouts on this machine and print the per-step
 losses side by side, with each layout's largest difference from the first.
 
-Every layout sees the same global batches (per-rank batch = global batch / dp) and the same
+Every layout sees the same global batches (`data.global_batch_size`) and the same
 initial weights; in fp32 the losses should agree to about 1e-5. Layouts run one after another as
 forked local processes (CPU/gloo here, one process per GPU on a GPU machine).
 """
@@ -46,17 +46,22 @@ class LossRecorder(L.Callback):
 
 def layout_overrides(dims: Optional[ParallelDims], global_batch: int, steps: int, schedule: str = "1f1b",
                      micro_batches: int = 2, accelerator: str = "cpu") -> list[str]:
-    """CLI overrides that train `steps` steps at `dims` (None: one process, Lightning's default strategy)."""
+    """CLI overrides that train `steps` steps at `dims` (None: one process, Lightning's default strategy).
+
+    Every layout trains `global_batch` samples a step; pipelines run them as `micro_batches` micro-batches
+    per data-parallel rank, other layouts as one."""
     dp = dims.dp if dims is not None else 1
-    if global_batch % dp:
-        raise ConfigError(f"--global-batch {global_batch} is not divisible by dp={dp}")
+    micro = micro_batches if dims is not None and dims.pp > 1 else 1
+    if global_batch % (dp * micro):
+        raise ConfigError(f"--global-batch {global_batch} is not divisible by dp x micro-batches = {dp} x {micro}")
     common = [
         f"--trainer.accelerator={accelerator}", "--trainer.num_nodes=1",
         "--trainer.callbacks=[]", f"--trainer.callbacks+={__name__}.LossRecorder", "--trainer.logger=false",
         "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", "--trainer.plugins=[]", f"--trainer.max_steps={steps}",
         "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", "--trainer.use_distributed_sampler=false",
-        "--trainer.precision=32-true", f"--data.init_args.batch_size={global_batch // dp}",
+        "--trainer.precision=32-true", f"--data.init_args.batch_size={global_batch // (dp * micro)}",
+        f"--data.init_args.global_batch_size={global_batch}",
     ]
     if dims is None:
         return common + ["--trainer.devices=1", "--trainer.strategy=auto"]
@@ -66,7 +71,6 @@ def layout_overrides(dims: Optional[ParallelDims], global_batch: int, steps: int
         f"--trainer.strategy.init_args.pipeline_parallel_size={dims.pp}",
         f"--trainer.strategy.init_args.schedule={schedule}",
         f"--trainer.strategy.init_args.stages_per_rank={2 if schedule == 'interleaved1f1b' else 1}",
-        f"--trainer.strategy.init_args.micro_batches={micro_batches if dims.pp > 1 else 1}",
     ]
 
 
@@ -100,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--global-batch", type=int, default=8, help="samples per step over all dp ranks")
     parser.add_argument("--schedule", default="1f1b", help="pipeline schedule: gpipe, 1f1b, interleaved1f1b")
-    parser.add_argument("--micro-batches", type=int, default=2)
+    parser.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step and rank when pp > 1")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--json", help="also write {layout: losses} here")
     parser.add_argument("overrides", nargs="*", help="more --key=value overrides for the config (after --)")
