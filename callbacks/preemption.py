@@ -7,18 +7,25 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 
 class PreemptionCheckpoint(Callback):
-    """On one of `signals`, finish the current step, save `DIR/preempted.ckpt` (and `last.ckpt`
-    when a ModelCheckpoint saves one), and end `fit` with exit status 0, ready to be requeued
-    and resumed with `--ckpt_path last`.
+    """On one of `signals`, finish the current optimizer step, save a checkpoint and end `fit` with exit
+    status 0, ready to be requeued and resumed with `--ckpt_path last`.
+
+    A training batch is a whole optimizer step (all its micro-batches), so the checkpoint always
+    holds a step boundary. With a ModelCheckpoint that keeps `last`, the checkpoint is written as
+    that callback's `last.ckpt` and recorded as its `last_model_path`, so the resumed run's
+    ModelCheckpoint keeps overwriting the same `last.ckpt` (no `last-v1.ckpt` beside a stale one):
+    `last.ckpt` is always the newest checkpoint. Without one, `preempted.ckpt` is written in
+    `dirpath` (default: the trainer's root folder).
 
     Args:
         signals: signal names to catch.
-        dirpath: where to save; default the ModelCheckpoint's folder.
+        dirpath: where to save `preempted.ckpt` when no ModelCheckpoint keeps `last`.
     """
 
     def __init__(self, signals: Optional[list[str]] = None, dirpath: Optional[str] = None):
@@ -39,12 +46,21 @@ class PreemptionCheckpoint(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.received is None:
             return
-        folder = Path(self.dirpath or (trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir))
-        trainer.save_checkpoint(folder / "preempted.ckpt")
-        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.save_last:
-            trainer.save_checkpoint(folder / "last.ckpt")
-        rank_zero_info(f"{self.received} received: saved {folder / 'preempted.ckpt'} at step {trainer.global_step}; stopping")
+        path = self.checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"{self.received} received: saved {path} at step {trainer.global_step}; stopping")
         trainer.should_stop = True
+
+    def checkpoint_path(self, trainer: L.Trainer) -> Path:
+        """`last.ckpt` of the ModelCheckpoint that keeps one (now its `last_model_path`), else `preempted.ckpt`."""
+        keeper = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last
+                       and cb.dirpath), None)
+        if keeper is None:
+            return Path(self.dirpath or trainer.default_root_dir) / "preempted.ckpt"
+        candidates = {"epoch": torch.tensor(trainer.current_epoch), "step": torch.tensor(trainer.global_step)}
+        path = keeper.format_checkpoint_name(candidates, keeper.CHECKPOINT_NAME_LAST)
+        keeper.last_model_path = path  # before saving: it is part of the callback's saved state
+        return Path(path)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for number, handler in self._previous.items():

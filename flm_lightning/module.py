@@ -170,10 +170,6 @@ class FLMLightningModule(L.LightningModule):
         if trainer.gradient_clip_algorithm not in (None, "norm"):
             raise ConfigError(f"trainer.gradient_clip_algorithm must be 'norm', got {trainer.gradient_clip_algorithm!r}")
 
-    def teardown(self, stage: str) -> None:
-        if stage == "fit":
-            self.automatic_optimization = True  # as constructed: a later fit passes Lightning's checks again
-
     def _micro_batches(self) -> int:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         return int(getattr(datamodule, "micro_batches", 1))

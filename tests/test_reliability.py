@@ -68,7 +68,7 @@ def _start(args: list[str], cache: Path) -> subprocess.Popen:
 def _wait_for_checkpoint(folder: Path, at_least: int, proc: subprocess.Popen, timeout: float = 120) -> int:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        steps = [int(p.stem.split("step=")[1]) for p in folder.glob("*step=*.ckpt")]
+        steps = [int(p.stem.split("step=")[1].split("-")[0]) for p in folder.glob("*step=*.ckpt")]
         if steps and max(steps) >= at_least:
             return max(steps)
         assert proc.poll() is None, proc.stderr.read()
@@ -104,12 +104,14 @@ def test_sigterm_saves_and_exits_cleanly(docs_cache, tmp_path):
     _wait_for_checkpoint(tmp_path / "pre" / "ckpt", 4, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
-    preempted = torch.load(tmp_path / "pre" / "ckpt" / "preempted.ckpt", weights_only=True)
-    last = torch.load(tmp_path / "pre" / "ckpt" / "last.ckpt", weights_only=True)
-    assert preempted["global_step"] == last["global_step"] >= 4
-    resumed = main(args + [f"--data.cache_dir={docs_cache}", "--ckpt_path=last",
-                           f"--trainer.max_steps={preempted['global_step'] + 2}"])
-    assert resumed.trainer.global_step == preempted["global_step"] + 2
+    folder = tmp_path / "pre" / "ckpt"
+    preempted = torch.load(folder / "last.ckpt", weights_only=True)["global_step"]
+    assert preempted >= 4 and not list(folder.glob("last-v*.ckpt"))
+    resumed = main(args + [f"--data.cache_dir={docs_cache}", "--ckpt_path=last", f"--trainer.max_steps={preempted + 2}"])
+    assert resumed.trainer.global_step == preempted + 2
+    # The resumed run's ModelCheckpoint keeps `last.ckpt` the newest: no last-v1.ckpt beside a stale one.
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == preempted + 2
+    assert not list(folder.glob("last-v*.ckpt"))
 
 
 def test_atomic_checkpoint_io(tmp_path, monkeypatch):
@@ -159,3 +161,69 @@ def test_validate_on_a_corrupted_checkpoint_exits_2(docs_cache, tmp_path):
     out = subprocess.run([sys.executable, "main.py", "validate", "-c", "conf/tiny.yaml", f"--ckpt_path={tmp_path / 'torn.ckpt'}",
                           f"--data.cache_dir={docs_cache}", "--trainer.logger=false"], capture_output=True, text=True)
     assert out.returncode == 2 and "torn.ckpt cannot be read" in out.stderr and "good.ckpt" in out.stderr
+
+
+def _accumulating(tmp: Path, name: str, steps: int = 24) -> list[str]:
+    """Dropout on, 2 micro-batches of 4 per step, a checkpoint every 4 steps."""
+    return _config(tmp, name, growth=False) + [f"--trainer.max_steps={steps}", "--data.init_args.batch_size=4",
+                                               "--data.init_args.global_batch_size=8"]
+
+
+@pytest.mark.parametrize("micro_batch", [0, 1], ids=["first-micro-batch", "second-micro-batch"])
+def test_preemption_inside_an_accumulation_window_resumes_exactly(micro_batch, docs_cache, tmp_path, monkeypatch):
+    """SIGUSR1 arriving while either micro-batch of step 6 runs: the step completes, last.ckpt holds step 7's
+    boundary, and the resumed run logs the uninterrupted run's losses bit for bit."""
+    from flm_lightning.engine import StepEngine
+
+    cache = [f"--data.cache_dir={docs_cache}"]
+    main(_accumulating(tmp_path, "ref") + cache)
+    expected = _losses(tmp_path, "ref")
+    calls = {"n": 0}
+    original = StepEngine.loss_parts
+
+    def signalling(self, batch):
+        if calls["n"] == 6 * 2 + micro_batch:  # training micro-batches run before it: 6 steps x 2
+            signal.raise_signal(signal.SIGUSR1)
+        calls["n"] += 1
+        return original(self, batch)
+
+    monkeypatch.setattr(StepEngine, "loss_parts", signalling)
+    stopped = main(_accumulating(tmp_path, "pre") + cache)
+    monkeypatch.undo()
+    assert stopped.trainer.global_step == 7
+    folder = tmp_path / "pre" / "ckpt"
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 7
+    main(_accumulating(tmp_path, "pre") + cache + ["--ckpt_path=last"])
+    resumed = _losses(tmp_path, "pre", version=1)
+    assert sorted(resumed) == list(range(7, 24))
+    assert [resumed[s] for s in range(7, 24)] == [expected[s] for s in range(7, 24)]  # bit for bit
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 24
+    assert not list(folder.glob("last-v*.ckpt")) and not list(folder.glob("epoch=1*"))  # never left epoch 0
+
+
+def test_kill_resume_kill_resume_is_bit_exact(docs_cache, tmp_path):
+    """Two SIGKILLs at arbitrary points of an accumulating run, each followed by `--ckpt_path last`."""
+    cache = [f"--data.cache_dir={docs_cache}"]
+    main(_accumulating(tmp_path, "ref") + cache)
+    expected = _losses(tmp_path, "ref")
+    folder = tmp_path / "killed" / "ckpt"
+    args = _accumulating(tmp_path, "killed")
+    proc = _start(args, docs_cache)
+    _wait_for_checkpoint(folder, 8, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = torch.load(folder / "last.ckpt", weights_only=True)["global_step"]
+    proc = _start(args + ["--ckpt_path=last"], docs_cache)
+    _wait_for_checkpoint(folder, first + 8, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    second = torch.load(folder / "last.ckpt", weights_only=True)["global_step"]
+    assert first < second < 24
+    main(args + cache + ["--ckpt_path=last"])
+    logged = {}
+    for version in range(3):
+        logged.update(_losses(tmp_path, "killed", version=version))
+    assert sorted(logged) == list(range(24))
+    assert [logged[s] for s in range(24)] == [expected[s] for s in range(24)]  # bit for bit
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 24
+    assert not list(folder.glob("epoch=1*"))
