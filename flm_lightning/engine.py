@@ -215,12 +215,14 @@ class StepEngine:
     def grad_norm(self, parameters) -> torch.Tensor:
         """Global L2 norm of the gradients over every shard and pipeline stage (fp32 scalar)."""
         skip = self.tied_copy
+        parameters = list(parameters)
         grads = [p.grad for p in parameters if p.grad is not None and p is not skip]
         if grads:
             norm = torch.nn.utils.get_total_norm(grads)
             if isinstance(norm, DTensor):
                 norm = norm.full_tensor()
-        else:
-            norm = torch.zeros(())
+        else:  # on the parameters' device: NCCL reduces CUDA tensors only
+            device = parameters[0].device if parameters else None
+            norm = torch.zeros((), device=device)
         squared = norm.to(torch.float32) ** 2
         return self._all_reduce(squared, "pp").sqrt() if self.dims.pp > 1 else squared.sqrt()

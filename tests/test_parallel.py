@@ -293,3 +293,26 @@ def test_main_py_launches_the_layout_and_resumes_from_last(config, tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert [(p / ".metadata").is_file() for p in (tmp_path / "ckpts").glob("*step=6.ckpt")] == [True]
     assert list(tmp_path.glob("lightning_logs/version_*/events.out.tfevents.*"))
+
+
+def test_guard_rollback_under_the_strategy_matches_one_process(config, tmp_path):
+    """A spike at step 8 rolled back to the step-5 checkpoint folder (loaded in place by the strategy) at
+    dp2 x tp2: the run goes on exactly as the one-process rollback does."""
+    def overrides(name):
+        return [f"--trainer.callbacks+={{'class_path': 'lightning.pytorch.callbacks.ModelCheckpoint', 'init_args': "
+                f"{{'dirpath': '{tmp_path / name}', 'every_n_train_steps': 5, 'save_top_k': -1}}}}",
+                "--trainer.callbacks+={'class_path': 'flm_lightning.callbacks.TrainingGuard', 'init_args': "
+                "{'inject_spike_at': [8], 'spike_policy': 'rollback', 'warmup_steps': 3, 'spike_min_ratio': 100}}",
+                "--trainer.enable_checkpointing=true"]
+
+    base = layout_overrides(None, GLOBAL_BATCH, 12)
+    one = train_layout(config, base + overrides("one"), None)["train"]
+    dims = parse_layout("1x2x2")
+    forked = run_layout(config, dims, layout_overrides(dims, GLOBAL_BATCH, 12) + overrides("sharded"), str(tmp_path),
+                        "1x2x2")["train"]
+    assert (tmp_path / "sharded" / "epoch=0-step=5.ckpt" / ".metadata").is_file()  # a DCP folder was rolled back to
+    assert len(one) == len(forked) == 12
+    assert _max_diff(one, forked) < TOL
+    # The rollback happened: the steps after it differ from a run that kept the spiked update out only.
+    skipped = train_layout(config, base + [o.replace("'rollback'", "'skip'") for o in overrides("skip")], None)["train"]
+    assert max(abs(a - b) for a, b in zip(one[9:], skipped[9:])) > 1e-3

@@ -226,7 +226,10 @@ def _loop_run(config: dict, steps: int, warmup: int, logs: str) -> dict:
     optimizer = module.build_optimizer()
     scheduler = build_scheduler(optimizer, module.optim_cfg, module.optim_cfg.decay_steps or trainer.max_steps)
     clip = trainer.gradient_clip_val
-    autocast = (lambda: torch.autocast(device.type, dtype)) if dtype and trainer.precision.endswith("mixed") else contextlib.nullcontext
+    micro_batches = data.micro_batches
+    # cache_enabled=False as Lightning's precision plugin: the same autocast state (no recompiles).
+    autocast = (lambda: torch.autocast(device.type, dtype, cache_enabled=False)) \
+        if dtype and trainer.precision.endswith("mixed") else contextlib.nullcontext
     timer = _StepTimer(device, warmup, steps)
     model.train()
     for step, batch in enumerate(data.train_dataloader()):
@@ -234,11 +237,16 @@ def _loop_run(config: dict, steps: int, warmup: int, logs: str) -> dict:
         if step == warmup + steps:
             break
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast():
-            logits = model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                           attention_mask=batch.get("attention_mask"))
-            loss = freelm_loss(logits, batch).loss
-        loss.backward()
+        # The trainer's normalisation: token-loss sums of the step's micro-batches over the step's tokens.
+        tokens = batch["loss_mask"].sum().clamp(min=1)
+        rows = batch["input_ids"].shape[0] // micro_batches
+        for i in range(micro_batches):
+            micro = {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+            with autocast():
+                logits = model(micro["input_ids"], position_ids=micro.get("position_ids"),
+                               attention_mask=micro.get("attention_mask"))
+                loss_sum = freelm_loss(logits, micro).loss_sum
+            (loss_sum / tokens).backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
@@ -257,7 +265,7 @@ def _summary(cli, device: torch.device, timer: _StepTimer, steps: int, baseline:
     if timer.end is None:
         raise ConfigError("bench: the data ran out before the timed steps ended; use fewer --steps or --warmup")
     data, arch = cli.datamodule, cli.model.arch
-    tokens = steps * data.batch_size * data.seq_len
+    tokens = steps * data.global_batch() * data.seq_len
     return {
         "tokens_per_sec": tokens / (timer.end[0] - timer.start[0]),
         "tokens_per_cpu_sec": tokens / (timer.end[1] - timer.start[1]),
