@@ -134,15 +134,33 @@ def test_bad_inputs_exit_2(tmp_path, tokenizer_text):
         src, _ = _llama_dir(tmp_path / feature, tokenizer_text, **overrides)
         out = _cli("import-hf", "--model", str(src), "--out", str(tmp_path / f"{feature}.ckpt"))
         assert out.returncode == 2 and feature in out.stderr and "Traceback" not in out.stderr
-    # Pickled weights are refused.
+    # Pickled weights that need code execution are refused (weights-only loading), and nothing runs.
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 32,
                                                      "intermediate_size": 64, "num_hidden_layers": 2,
                                                      "num_attention_heads": 4}))
-    (pickled / "pytorch_model.bin").write_bytes(b"\x80")
+    marker = tmp_path / "code-ran"
+    torch.save({"model.embed_tokens.weight": torch.zeros(VOCAB, 32), "x": _RunsCode(str(marker))},
+               pickled / "pytorch_model.bin")
     out = _cli("import-hf", "--model", str(pickled), "--out", str(tmp_path / "p.ckpt"))
-    assert out.returncode == 2 and "safetensors" in out.stderr
+    assert out.returncode == 2 and "needs code execution" in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1 and not marker.exists() and not (tmp_path / "p.ckpt").exists()
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80")  # not a torch file at all
+    out = _cli("import-hf", "--model", str(pickled), "--out", str(tmp_path / "p.ckpt"))
+    assert out.returncode == 2 and "not a readable PyTorch weights file" in out.stderr, out.stderr
+
+
+class _RunsCode:
+    """Pickles as a call of os.system: what a malicious .bin holds."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
 
 
 def test_generate_cli(tmp_path, tokenizer_text):
