@@ -103,6 +103,29 @@ def test_xpos_is_rope_times_the_per_pair_decay():
     assert float(zeta.min()) < 1.0  # distant keys are damped
 
 
+def test_xpos_tables_stay_finite_at_every_allowed_position():
+    # The longest table a scale base of 512 allows (head 128: the steepest pair, zeta = 0.4/1.4).
+    cfg = tiny_config("flm101b", hidden_size=128, n_heads=1, max_seq_len=65390, xpos_scale_base=512.0)
+    scale = RotaryEmbedding(cfg).xpos_scale
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    assert math.log(scale.max().item()) == pytest.approx(cfg.xpos_max_log_scale, abs=1e-4)
+    assert cfg.xpos_max_log_scale <= 80
+    with pytest.raises(ConfigError, match=r"max_seq_len \(65392\) is too long for xPos .* max_seq_len <= 65390"):
+        tiny_config("flm101b", hidden_size=128, n_heads=1, max_seq_len=65392, xpos_scale_base=512.0)
+
+
+def test_input_longer_than_max_seq_len_is_one_clear_error(family):
+    model = FLMTransformer(tiny_config(family, max_seq_len=16)).eval()
+    assert model(torch.randint(0, 100, (1, 16))).shape == (1, 16, 128)  # exactly the limit runs
+    with pytest.raises(ConfigError, match=r"the input holds 17 positions, more than model.arch.max_seq_len \(16\)"):
+        model(torch.randint(0, 100, (1, 17)))
+    cache = model.new_kv_cache()
+    with torch.no_grad():
+        model(torch.randint(0, 100, (1, 12)), kv_cache=cache)
+        with pytest.raises(ConfigError, match=r"holds 5 positions after 12 cached"):
+            model(torch.randint(0, 100, (1, 5)), kv_cache=cache)
+
+
 def test_multipliers_scale_embeddings_and_logits():
     base = tiny_config("teleflm")
     model = FLMTransformer(base)

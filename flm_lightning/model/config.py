@@ -7,6 +7,7 @@ Both families are points in this space:
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
@@ -17,6 +18,11 @@ from flm_lightning.model.attention import ATTENTION_BACKENDS
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "swiglu")
 POSITIONS = ("rope", "xpos")
+# xPos scales q by zeta^((n-c)/B) and k by its inverse, centre c = max_seq_len // 2; the steepest pair
+# has zeta = 0.4/1.4, so the largest factor is e^(XPOS_LOG_DECAY * (max_seq_len - c) / B). fp32 ends at
+# e^88.7: XPOS_MAX_LOG_SCALE leaves e^8 of headroom for the magnitude of q and k themselves.
+XPOS_LOG_DECAY = math.log(1.4 / 0.4)
+XPOS_MAX_LOG_SCALE = 80.0
 
 
 @dataclass
@@ -42,7 +48,9 @@ class ModelConfig:
         input_mult: multiplier on the embedding output.
         output_mult: multiplier on the logits (divided by width_mult, as in μP).
         base_hidden_size: μP base width; width_mult = hidden_size / base_hidden_size (default 1).
-        max_seq_len: longest sequence the position tables cover.
+        max_seq_len: longest sequence the position tables cover (positions 0 .. max_seq_len - 1). With xPos
+            it must keep the scales inside fp32: (max_seq_len - max_seq_len // 2) * ln(3.5) / xpos_scale_base
+            <= 80, i.e. at most about 127 * xpos_scale_base positions (ConfigError otherwise).
         dropout: dropout on attention probabilities and residual branches.
         init_std: std of the normal initialisation (output projections also / sqrt(2 n_layers)).
         pad_vocab_multiple: pad the embedding rows to a multiple of this (64/128 for fast kernels).
@@ -99,6 +107,15 @@ class ModelConfig:
             )
         if self.head_size % 2:
             raise ConfigError(f"model.arch.head_dim must be even for rotary positions, got {self.head_size}")
+        if self.position == "xpos" and self.xpos_max_log_scale > XPOS_MAX_LOG_SCALE:
+            half = self.max_seq_len - self.max_seq_len // 2
+            longest = 2 * math.floor(XPOS_MAX_LOG_SCALE * self.xpos_scale_base / XPOS_LOG_DECAY)
+            smallest_base = math.ceil(half * XPOS_LOG_DECAY / XPOS_MAX_LOG_SCALE)
+            raise ConfigError(
+                f"model.arch.max_seq_len ({self.max_seq_len}) is too long for xPos with xpos_scale_base "
+                f"{self.xpos_scale_base}: its position scales would reach e^{self.xpos_max_log_scale:.1f}, too close "
+                f"to the fp32 limit e^88.7; use max_seq_len <= {longest} or xpos_scale_base >= {smallest_base}"
+            )
 
     # Derived sizes are properties, never stored: a config edited with dataclasses.replace
     # (or by a CLI override of hidden_size) must not keep a stale head_dim or ffn size.
@@ -122,6 +139,11 @@ class ModelConfig:
     @property
     def attention_dim(self) -> int:
         return self.n_heads * self.head_size
+
+    @property
+    def xpos_max_log_scale(self) -> float:
+        """Natural log of the largest xPos factor on q or k over positions 0 .. max_seq_len - 1."""
+        return (self.max_seq_len - self.max_seq_len // 2) * XPOS_LOG_DECAY / self.xpos_scale_base
 
     @property
     def width_mult(self) -> float:

@@ -25,8 +25,10 @@ class RotaryEmbedding(nn.Module):
 
     xPos (Sun et al. 2022; DESIGN.md section 2): pair j of a head of width D gets
     zeta_j = (2j/D + 0.4) / 1.4; a query at position n is scaled by zeta^((n-c)/B), a key at
-    position m by zeta^(-(m-c)/B), so the score carries zeta^((n-m)/B). The centre c keeps the
-    powers inside fp32 range; it cancels in every score.
+    position m by zeta^(-(m-c)/B), so the score carries zeta^((n-m)/B). The centre
+    c = max_seq_len // 2 cancels in every score; it keeps each factor within e^(+-80) over every
+    position the config allows (`ModelConfig` refuses a max_seq_len for which it would not). The
+    factors are computed as exp((n - c) / B * ln zeta) in fp64, so none is ever infinite.
     """
 
     def __init__(self, config: ModelConfig):
@@ -54,15 +56,16 @@ class RotaryEmbedding(nn.Module):
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())
         if self.xpos_scale_base is not None:
-            zeta = (2.0 * pair / self.head_dim + 0.4) / 1.4
+            log_zeta = torch.log((2.0 * pair / self.head_dim + 0.4) / 1.4)
             power = (pos - self.max_seq_len // 2) / self.xpos_scale_base
-            scale = zeta[None, :] ** power[:, None]
+            scale = torch.exp(torch.outer(power, log_zeta))
             self.xpos_scale.copy_(torch.cat([scale, scale], dim=-1))
         else:
             self.xpos_scale.fill_(1.0)
 
     def forward(self, position_ids: torch.Tensor) -> PositionTables:
-        """Tables for `position_ids` ([T] or [B, T]) shaped to broadcast over [B, H, T, D]."""
+        """Tables for `position_ids` ([T] or [B, T], each in 0 .. max_seq_len - 1) shaped to broadcast
+        over [B, H, T, D]: cos, sin and the xPos scale (None for RoPE), fp32."""
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
         cos = self.cos[position_ids][:, None]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flm_lightning.errors import ConfigError
 from flm_lightning.model.config import ModelConfig
 from flm_lightning.model.layers import LayerKVCache, RotaryEmbedding, TransformerBlock, make_norm, residual_init_std
 
@@ -68,6 +69,9 @@ class FLMTransformer(nn.Module):
         None means plain causal attention.
         kv_cache: for incremental decoding, one `LayerKVCache` per layer name (see `new_kv_cache`);
         positions then continue after the cached ones.
+        position_ids: optional [T] or [B, T] positions, each below max_seq_len (default: 0, 1, ...
+        after any cached positions).
+        Raises ConfigError when the cached plus new positions exceed `config.max_seq_len`.
         """
         cfg = self.config
         if self.tok_embeddings is not None:
@@ -80,6 +84,10 @@ class FLMTransformer(nn.Module):
             # Every position from the first new one on: attention takes as many as its queries. Under
             # sequence parallelism h holds a slice of the sequence, so its length is not the query count.
             start = next(iter(kv_cache.values())).length if kv_cache else 0
+            if start + h.shape[1] > cfg.max_seq_len:
+                cached = f" after {start} cached" if start else ""
+                raise ConfigError(f"the input holds {h.shape[1]} positions{cached}, more than model.arch.max_seq_len "
+                                  f"({cfg.max_seq_len}) allows; shorten it or use a model with a longer max_seq_len")
             position_ids = torch.arange(start, max(self.config.max_seq_len, start + h.shape[1]), device=h.device)
         tables = self.rotary(position_ids)
         for name, layer in self.layers.items():

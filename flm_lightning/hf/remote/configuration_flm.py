@@ -21,7 +21,7 @@ class FLMConfig(PretrainedConfig):
         position="xpos",
         rope_theta=10000.0,
         xpos_scale_base=512.0,
-        xpos_center=1024,
+        xpos_center=None,
         tie_embeddings=True,
         input_mult=1.0,
         logit_scale=1.0,
@@ -41,7 +41,7 @@ class FLMConfig(PretrainedConfig):
         self.position = position
         self.rope_theta = rope_theta
         self.xpos_scale_base = xpos_scale_base
-        self.xpos_center = xpos_center
+        self.xpos_center = xpos_center  # read by older exports only: xPos is now centred on each call's positions
         self.tie_embeddings = tie_embeddings
         self.input_mult = input_mult
         self.logit_scale = logit_scale

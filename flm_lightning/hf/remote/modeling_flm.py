@@ -12,23 +12,45 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_flm import FLMConfig
 
+# xPos factors stay within e^(+-XPOS_MAX_LOG_SCALE); fp32 ends at e^88.7 (the rest is headroom for q and k).
+XPOS_MAX_LOG_SCALE = 80.0
+
 def _rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
-def _position_tables(config, position_ids):
-    """cos, sin and the xPos scale (or None) for [B, T] positions, fp32, shaped [B, 1, T, D]."""
+def _rotary_tables(config, position_ids):
+    """cos and sin for [B, T] positions, fp32, shaped [B, 1, T, D]."""
     d = config.head_dim
     pair = torch.arange(d // 2, dtype=torch.float64, device=position_ids.device)
-    pos = position_ids.to(torch.float64)
-    angles = pos[..., None] * (config.rope_theta ** (-2.0 * pair / d))
+    angles = position_ids.to(torch.float64)[..., None] * (config.rope_theta ** (-2.0 * pair / d))
     angles = torch.cat([angles, angles], dim=-1)
-    cos, sin = angles.cos().float()[:, None], angles.sin().float()[:, None]
-    if config.position != "xpos":
-        return cos, sin, None
-    zeta = (2.0 * pair / d + 0.4) / 1.4
-    scale = zeta ** ((pos[..., None] - config.xpos_center) / config.xpos_scale_base)
-    return cos, sin, torch.cat([scale, scale], dim=-1).float()[:, None]
+    return angles.cos().float()[:, None], angles.sin().float()[:, None]
+
+def _xpos_scales(config, query_positions, key_positions):
+    """xPos factors of the queries ([B, 1, T, D]) and keys ([B, 1, K, D]), fp32.
+
+    Pair j has zeta_j = (2j/D + 0.4) / 1.4; a query at n gets zeta^((n-c)/B), a key at m gets
+    zeta^(-(m-c)/B), so a score carries zeta^((n-m)/B) whatever c is. Here c is the middle of the
+    positions this call attends (not a fixed position), and the factors are exp(log) in fp64: they
+    depend on the span of the call, never on how far the positions are from 0, so generating far
+    past the training length stays finite. A span too long for fp32 raises ValueError.
+    """
+    d = config.head_dim
+    pair = torch.arange(d // 2, dtype=torch.float64, device=query_positions.device)
+    log_zeta = torch.log((2.0 * pair / d + 0.4) / 1.4) / config.xpos_scale_base
+    qp, kp = query_positions.to(torch.float64), key_positions.to(torch.float64)
+    lo, hi = kp.min(-1, keepdim=True).values, qp.max(-1, keepdim=True).values
+    centre = torch.floor((lo + hi) / 2)
+    widest = float(torch.maximum(hi - centre, centre - lo).max()) * float(-log_zeta[0])
+    if widest > XPOS_MAX_LOG_SCALE:
+        longest = int(2 * XPOS_MAX_LOG_SCALE / float(-log_zeta[0]))
+        raise ValueError(f"xPos: this call attends over {int((hi - lo).max()) + 1} positions, more than fp32 can "
+                         f"scale at xpos_scale_base {config.xpos_scale_base} (at most about {longest})")
+    q_scale = torch.exp((qp - centre)[..., None] * log_zeta)
+    k_scale = torch.exp(-(kp - centre)[..., None] * log_zeta)
+    q_scale, k_scale = (torch.cat([x, x], dim=-1).float()[:, None] for x in (q_scale, k_scale))
+    return q_scale, k_scale
 
 def _norm(config):
     if config.norm == "layernorm":
@@ -51,15 +73,17 @@ class FLMAttention(nn.Module):
         q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
-        cos, sin, scale = tables
+        cos, sin, scales = tables
         qf, kf = q.float(), k.float()
         qf = qf * cos + _rotate_half(qf) * sin
         kf = kf * cos + _rotate_half(kf) * sin
-        if scale is not None:
-            qf, kf = qf * scale, kf / scale
+        if scales is not None:
+            qf = qf * scales[0]
         q, k = qf.to(q.dtype), kf.to(k.dtype)
-        if cache is not None:
+        if cache is not None:  # keys are cached rotated but not xPos-scaled: the scale depends on the call
             k, v = cache.update(k, v, self.layer_idx)
+        if scales is not None:
+            k = (k.float() * scales[1]).to(v.dtype)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
         else:
@@ -145,7 +169,17 @@ class FLMForCausalLM(FLMPreTrainedModel, GenerationMixin):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
             else:
                 position_ids = torch.arange(past, past + seq, device=h.device)[None]
-        tables = _position_tables(self.config, position_ids)
+        cos, sin = _rotary_tables(self.config, position_ids)
+        scales = None
+        if self.config.position == "xpos":
+            if past == 0:
+                key_positions = position_ids
+            elif attention_mask is not None and attention_mask.shape[-1] == past + seq:
+                key_positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:  # contiguous positions before the new ones
+                key_positions = position_ids[:, :1] - past + torch.arange(past + seq, device=h.device)
+            scales = _xpos_scales(self.config, position_ids, key_positions)
+        tables = (cos, sin, scales)
         mask = self._mask(attention_mask, seq, past + seq, h.device)
         for layer in self.layers:
             h = layer(h, tables, mask, cache)
