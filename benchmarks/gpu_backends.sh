@@ -9,8 +9,11 @@
 #
 # Every run is `python -m flm_lightning bench` (trainer vs hand-written loop, MFU against the
 # GPU's bf16 peak). Budget: about 25 minutes on one H100 (compile runs pay ~1 min of compilation
-# each). Set STEPS / REPEATS to change the length.
+# each). Set STEPS / REPEATS to change the length. For a short GPU session use benchmarks/gpu_check.sh
+# (under 8 minutes, per-stage timeouts, installs missing packages from .whl/).
 set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # a checkout that is not pip-installed works too
 OUT=${1:-docs/performance/gpu}
 STEPS=${STEPS:-20}
 REPEATS=${REPEATS:-3}

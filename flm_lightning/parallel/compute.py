@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+from typing import Optional
 
 import torch
 from torch import nn
@@ -30,6 +32,9 @@ from flm_lightning.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CHECKPOINT_MODES = ("none", "full", "selective")
+# torch.compile backend of `model.compile: true`. "inductor" unless this environment variable names
+# another (e.g. "aot_eager" to bisect a compile problem, or for a fast CPU smoke run without a C++ build).
+COMPILE_BACKEND_VARIABLE = "FLM_COMPILE_BACKEND"
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,8 +94,12 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         log.info("activation checkpointing: %s on %d blocks", mode, len(model.layers))
 
 
-def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
-    """`torch.compile` each block in place (names unchanged); blocks share one compiled graph."""
+def apply_compile(model: nn.Module, backend: Optional[str] = None) -> None:
+    """`torch.compile` each block in place (names unchanged); blocks share one compiled graph.
+
+    backend: default $FLM_COMPILE_BACKEND, else "inductor".
+    """
+    backend = backend or os.environ.get(COMPILE_BACKEND_VARIABLE) or "inductor"
     for block in model.layers.values():
         block.compile(backend=backend, fullgraph=False)
     log.info("torch.compile (%s) on %d blocks", backend, len(model.layers))
