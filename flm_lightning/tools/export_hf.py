@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from flm_lightning.hf.convert import export_hf
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="a checkpoint of this trainer (.ckpt)")
@@ -15,6 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    # Imported here: `--help` and argument errors answer without loading torch.
+    from flm_lightning.hf.convert import export_hf
+
     family = export_hf(args.ckpt, args.out, args.tokenizer, args.force)
     how = "AutoModelForCausalLM.from_pretrained(DIR)" if family == "llama" else \
         "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)"

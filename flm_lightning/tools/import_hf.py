@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from flm_lightning.hf.convert import import_hf
-from flm_lightning.model import count_model
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a Hugging Face model directory (safetensors)")
@@ -15,6 +12,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    # Imported here: `--help` and argument errors answer without loading torch.
+    from flm_lightning.hf.convert import import_hf
+    from flm_lightning.model import count_model
+
     arch = import_hf(args.model, args.out, args.force)
     print(f"wrote {args.out}: {count_model(arch).parameters:,} parameters. Continue pre-training with\n"
           f"  python main.py fit -c CONFIG --model.init_from={args.out}  (model.arch must match: "
