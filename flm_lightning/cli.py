@@ -68,7 +68,7 @@ class FLMCLI(LightningCLI):
         config_text = self.parser.dump(self.config, skip_none=False) if self.subcommand == "fit" else None
         if config_text is not None:
             config_text = yaml.safe_dump(yaml.safe_load(config_text).get("fit", {}), sort_keys=False)
-        callbacks.append(RunFacts(config=config_text, checkpoints=dirpath))
+        callbacks.append(RunFacts(config=config_text, checkpoints=_shown(dirpath) if dirpath else None))
         trainer["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
@@ -128,7 +128,9 @@ def derive_folders(config, subcommand: str) -> None:
         path = resolve_last(run_dir / "checkpoints") if ckpt_path == "last" else Path(ckpt_path)
         step = checkpoint_step(path) if path is not None else None
         if step is not None:
-            args.at_step = step
+            # Where fit logged this checkpoint's validation: Lightning writes the validation after
+            # optimizer step S at step S - 1, so the two val/loss points line up.
+            args.at_step = max(step - 1, 0)
             base = f"{subcommand}_step{step}"
             version, n = base, 2
             while (run_dir / version).exists():

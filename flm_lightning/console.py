@@ -141,11 +141,14 @@ class _DropAdvertisements(logging.Filter):
 
 def quiet_third_party() -> None:
     """Drop what third-party libraries print on every run that says nothing about it: Lightning's
-    "💡 Tip: ... try installing litlogger / litmodels" advertisements and the FutureWarning of torch's
-    `LeafSpec` that Lightning's own pytree helper triggers. Warnings about the run itself stay."""
+    "💡 Tip: ... try installing litlogger / litmodels" advertisements, the FutureWarning of torch's
+    `LeafSpec` that Lightning's own pytree helper triggers, and the non-empty checkpoint folder warning
+    on a resume. Warnings about the run itself stay."""
     import warnings
 
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    # The CLI refuses a new run in a used checkpoint folder, so this one only fires when resuming, where it is expected.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropAdvertisements) for f in log.filters):
         log.addFilter(_DropAdvertisements())
