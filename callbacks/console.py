@@ -84,7 +84,8 @@ def summary_table(trainer: L.Trainer, pl_module: L.LightningModule, depth: int =
     for name, kind, params, training in zip(summary.layer_names, summary.layer_types, summary.param_nums,
                                             summary.training_modes):
         if not metrics_only(pl_module.get_submodule(name)):
-            rows.append((str(len(rows) - 1), name, kind, get_human_readable_count(params), "train" if training else "eval"))
+            mode = "train" if training else "eval"
+            rows.append((str(len(rows) - 1), name, kind, get_human_readable_count(params), mode))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     rule = "-" * max(len(line) for line in lines)
@@ -132,7 +133,8 @@ class LearningRateLogger(Callback):
         self._tags: Optional[list[Optional[str]]] = None
         self._shape: Optional[tuple] = None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         if not trainer.loggers or not logging_step(trainer, trainer.global_step + 1):
             return
         for optimizer in trainer.optimizers[:1]:

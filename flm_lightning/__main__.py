@@ -31,7 +31,8 @@ TOOLS = {
                                            "1x1x1,1x2x1,1x1x2,2x1x1 --steps 10`:"),
     "consolidate": ("consolidate", "`python -m flm_lightning consolidate --ckpt FOLDER --out FILE`: one weights file "
                                    "from a distributed checkpoint."),
-    "bench": ("bench", "`python -m flm_lightning bench -c CONFIG`: the trainer's throughput against a hand-written loop."),
+    "bench": ("bench", "`python -m flm_lightning bench -c CONFIG`: the trainer's throughput against a "
+                       "hand-written loop."),
     "coord-check": ("coord_check", "`python -m flm_lightning coord-check -c CONFIG --widths 64,128,256,512`: μP vs SP "
                                    "activation scales."),
     "predict-loss": ("predict_loss", "`python -m flm_lightning predict-loss`: fit L(N) = a * N^b + c over finished "

@@ -143,7 +143,7 @@ def resolve_last(folder: Path) -> Optional[Path]:
     (Lightning's rule; the CLI only uses it to name the file before Lightning loads it)."""
     if not folder.is_dir():
         return None
-    candidates = [p for p in folder.iterdir() if p.suffix == ".ckpt" and re.match(r"^last(-\d+)?$", p.stem)]
+    candidates = [p for p in folder.iterdir() if p.suffix == ".ckpt" and p.stem.startswith("last")]  # last, last-v1
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
@@ -178,7 +178,8 @@ def check_resume_arch(path: Path, model) -> None:
     arch = (model or {}).get("arch") if model is not None else None
     ours = ModelConfig(**arch.as_dict()) if isinstance(arch, Namespace) else ModelConfig()
     theirs, mine = saved.function_fields(), ours.function_fields()
-    diff = ", ".join(f"{k} is {v} in the checkpoint, {mine[k]} in the config" for k, v in theirs.items() if mine[k] != v)
+    diff = ", ".join(f"{k} is {v} in the checkpoint, {mine[k]} in the config"
+                     for k, v in theirs.items() if mine[k] != v)
     if diff:
         raise ConfigError(f"{path}: model.arch differs from the config's: {diff}")
 
@@ -228,7 +229,8 @@ def start_line(trainer, datamodule, ckpt_path: Optional[str], fit: bool) -> str:
         parts.append(f"checkpoints {_shown(callback.dirpath)}")
     if ckpt_path == "last":
         last = resolve_last(Path(callback.dirpath)) if callback is not None and callback.dirpath else None
-        parts.append(f"resuming {_shown(last)}" if last is not None else "no last checkpoint to resume: starting at step 0")
+        parts.append(f"resuming {_shown(last)}" if last is not None
+                     else "no last checkpoint to resume: starting at step 0")
     elif ckpt_path:
         parts.append(f"checkpoint {ckpt_path}")
     cache = getattr(datamodule, "cache_path", None)
@@ -260,8 +262,10 @@ def fit_summary(trainer) -> str:
 
 
 def validate_summary(trainer) -> str:
-    metrics = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/"))
-    lines = [f"validated {_shown(trainer.ckpt_path) if trainer.ckpt_path else 'the initial weights'}" + (f": {metrics}" if metrics else "")]
+    metrics = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items())
+                        if k.startswith("val/"))
+    what = _shown(trainer.ckpt_path) if trainer.ckpt_path else "the initial weights"
+    lines = [f"validated {what}" + (f": {metrics}" if metrics else "")]
     logs = _run_dir(trainer)
     if logs is not None:
         lines.append(f"TensorBoard: tensorboard --logdir {_shown(logs.parent)} (run {logs.name})")

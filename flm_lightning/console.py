@@ -146,7 +146,8 @@ def quiet_third_party() -> None:
     on a resume. Warnings about the run itself stay."""
     import warnings
 
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
     # The CLI refuses a new run in a used checkpoint folder, so this one only fires when resuming, where it is expected.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")

@@ -79,7 +79,8 @@ def test_readme_commands_in_order(docs_cache, tmp_path, monkeypatch, capsys):
     assert Path(resume.trainer.ckpt_path).resolve() == tiny_last.resolve()
     assert resume.model.arch.n_layers == 4 and resume.trainer.global_step == 6
     assert "resuming runs/tiny/checkpoints/last.ckpt" in out.err
-    assert sorted(p.name for p in (runs / "tiny").iterdir()) == ["checkpoints", "validate_step4", "version_0", "version_1"]
+    folders = sorted(p.name for p in (runs / "tiny").iterdir())
+    assert folders == ["checkpoints", "validate_step4", "version_0", "version_1"]
     # 5. generate reads the resumed run's newest state; 6. export-hf writes a 4-layer model.
     assert "runs/tiny/checkpoints/last.ckpt: step 6" in out.err
     config = json.loads((tmp_path / "hf" / "tiny" / "config.json").read_text())
