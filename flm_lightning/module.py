@@ -237,7 +237,8 @@ class FLMLightningModule(L.LightningModule):
         theirs, ours = arch_from_checkpoint(ckpt, path).function_fields(), self.arch.function_fields()
         diff = {k: (v, ours[k]) for k, v in theirs.items() if ours[k] != v}
         if diff:
-            raise ConfigError(f"model.init_from {path}: model.arch differs from the checkpoint's in {diff} (checkpoint, config)")
+            raise ConfigError(f"model.init_from {path}: model.arch differs from the config's: "
+                              + ", ".join(f"{k} is {a} in the checkpoint, {b} in the config" for k, (a, b) in diff.items()))
         weights = model_weights(ckpt)
         if not self.sharded:
             self.model.load_state_dict(weights)
@@ -467,8 +468,10 @@ class FLMLightningModule(L.LightningModule):
         saved = ModelConfig.from_dict(checkpoint["hyper_parameters"]["arch"])
         if saved.function_fields() != self.arch.function_fields():
             if not growth.get("history"):
-                diff = {k: v for k, v in saved.function_fields().items() if self.arch.function_fields()[k] != v}
-                raise ConfigError(f"the checkpoint's model.arch differs from the config's in {diff}")
+                diff = ", ".join(f"{k} is {v} in the checkpoint, {self.arch.function_fields()[k]} in the config"
+                                 for k, v in saved.function_fields().items() if self.arch.function_fields()[k] != v)
+                raise ConfigError(f"{self._trainer.ckpt_path if self._trainer is not None else 'checkpoint'}: "
+                                  f"model.arch differs from the config's: {diff}")
             # A grown run: rebuild the network at its current shape before the weights load.
             device = next(self.model.parameters()).device if self.model is not None else None
             self.arch = saved

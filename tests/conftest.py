@@ -30,15 +30,4 @@ def docs_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def _tests_tiny_config() -> str:
-    """conf/tiny.yaml with checkpoints in each run's own log folder (not the shared runs/tiny/checkpoints)."""
-    import tempfile
-    from pathlib import Path
-
-    text = Path("conf/tiny.yaml").read_text().replace("dirpath: runs/tiny/checkpoints", "dirpath: null")
-    path = Path(tempfile.mkdtemp(prefix="flm-tests-")) / "tiny.yaml"
-    path.write_text(text)
-    return str(path)
-
-
-TINY = _tests_tiny_config()
+TINY = "conf/tiny.yaml"  # it pins no folder: each test's --trainer.logger.init_args.save_dir holds the whole run

@@ -320,7 +320,7 @@ def test_resumed_fit_sees_the_same_batches_and_losses(docs_cache, tmp_path):
         return {e.step: e.value for e in acc.Scalars("train/loss")}
 
     full = run("full")
-    ckpt = next((tmp_path / "full").glob("version_0/checkpoints/*step=6.ckpt"))
+    ckpt = next((tmp_path / "full").glob("checkpoints/*step=6.ckpt"))
     resumed = run("resumed", f"--ckpt_path={ckpt}")
     assert sorted(resumed) == list(range(6, 12))
     assert [resumed[s] for s in range(6, 12)] == [full[s] for s in range(6, 12)]  # bit for bit

@@ -223,7 +223,7 @@ def test_growth_callback_grows_during_fit(growth_run):
 def test_checkpoint_mid_ramp_restores_shape_and_masks(growth_run, docs_cache):
     _, acc, tmp = growth_run
     # Step 16 lies inside the second ramp (12 -> 20): 6 layers, masks at 0.5.
-    ckpt = glob.glob(f"{tmp}/tiny/version_0/checkpoints/*step=16.ckpt")[0]
+    ckpt = glob.glob(f"{tmp}/tiny/checkpoints/*step=16.ckpt")[0]
     saved = torch.load(ckpt, weights_only=True)
     assert saved["flm_growth"]["ramp"]["start_step"] == 12 and saved["hyper_parameters"]["arch"]["n_layers"] == 6
     again = main(["validate", "-c", TINY, f"--data.cache_dir={docs_cache}", "--trainer.logger=false",
@@ -251,7 +251,7 @@ def test_bad_schedule_fails_before_training(docs_cache, tmp_path, capsys):
 
 def test_offline_growth_tool(growth_run, docs_cache, tmp_path):
     _, _, tmp = growth_run
-    src = glob.glob(f"{tmp}/tiny/version_0/checkpoints/*step=24.ckpt")[0]  # after both ramps
+    src = glob.glob(f"{tmp}/tiny/checkpoints/*step=24.ckpt")[0]  # after both ramps
     target = tmp_path / "wider.yaml"
     target.write_text(open(TINY).read().replace("hidden_size: 128", "hidden_size: 256")
                       .replace("n_heads: 4", "n_heads: 8").replace("n_layers: 4", "n_layers: 6")
@@ -272,7 +272,7 @@ def test_offline_growth_tool(growth_run, docs_cache, tmp_path):
     refused = subprocess.run([sys.executable, "-m", "flm_lightning", "grow", "--ckpt", src, "--config", "conf/tiny.yaml",
                               "--out", str(tmp_path / "x.ckpt")], capture_output=True, text=True)
     assert refused.returncode == 2 and "cannot shrink" in refused.stderr
-    mid_ramp = glob.glob(f"{tmp}/tiny/version_0/checkpoints/*step=16.ckpt")[0]
+    mid_ramp = glob.glob(f"{tmp}/tiny/checkpoints/*step=16.ckpt")[0]
     refused = subprocess.run([sys.executable, "-m", "flm_lightning", "grow", "--ckpt", mid_ramp, "--config", str(target),
                               "--out", str(tmp_path / "y.ckpt")], capture_output=True, text=True)
     assert refused.returncode == 2 and "still in progress" in refused.stderr and not (tmp_path / "y.ckpt").exists()

@@ -40,12 +40,12 @@ from flm_lightning.checkpoint import (
 )
 from flm_lightning.data.tokenizer import EOD_TOKEN
 from flm_lightning.errors import CheckpointError, ConfigError
+from flm_lightning.hf import EXPORT_FORMATS
 from flm_lightning.model import ModelConfig
 
 REMOTE_DIR = Path(__file__).parent / "remote"
 REMOTE_FILES = {"flm": ("configuration_flm.py", "modeling_flm.py"),
                 "teleflm": ("configuration_teleflm.py", "modeling_teleflm.py")}
-EXPORT_FORMATS = ("auto", "llama", "teleflm", "flm")
 TELEFLM_TYPE = "TeleFLM"
 MUP_KEYS = ("use_mup", "input_mult", "output_mult", "mup_scale_factor")
 

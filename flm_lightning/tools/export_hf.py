@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flm_lightning.hf.convert import EXPORT_FORMATS, export_hf
+from flm_lightning.hf import EXPORT_FORMATS
 
 HOW_TO_LOAD = {
     "llama": "AutoModelForCausalLM.from_pretrained(DIR)",
@@ -25,5 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    # Imported here: `--help` and argument errors answer without loading torch.
+    from flm_lightning.hf.convert import export_hf
+
     family = export_hf(args.ckpt, args.out, args.tokenizer, args.force, args.format)
     print(f"wrote {args.out} ({family} format); load it with {HOW_TO_LOAD[family]}")

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-import torch
-from tokenizers import Tokenizer
-
-from flm_lightning.checkpoint import model_from_checkpoint, tokenizer_json
-from flm_lightning.data.tokenizer import EOD_TOKEN, load_tokenizer
 from flm_lightning.errors import CheckpointError
-from flm_lightning.generation import SamplingConfig, generate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +21,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    # Imported here: `--help` and argument errors answer without loading torch.
+    import torch
+    from tokenizers import Tokenizer
+
+    from flm_lightning.checkpoint import model_from_checkpoint, tokenizer_json
+    from flm_lightning.data.tokenizer import EOD_TOKEN, load_tokenizer
+    from flm_lightning.generation import SamplingConfig, generate
+
     model, ckpt = model_from_checkpoint(args.ckpt)
+    print(f"{args.ckpt}: step {ckpt.get('global_step', '?')}", file=sys.stderr)  # which weights speak
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer)
     elif tokenizer_json(ckpt):

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from flm_lightning.hf.convert import import_hf
-from flm_lightning.model import count_model
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
@@ -17,6 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    # Imported here: `--help` and argument errors answer without loading torch.
+    from flm_lightning.hf.convert import import_hf
+    from flm_lightning.model import count_model
+
     arch = import_hf(args.model, args.out, args.force)
     mup = (f" input_mult={arch.input_mult} output_mult={arch.output_mult} base_hidden_size={arch.base_hidden_size}"
            if arch.base_hidden_size is not None or arch.input_mult != 1.0 or arch.output_mult != 1.0 else "")

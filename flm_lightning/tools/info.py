@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from flm_lightning.model import count_model
-from flm_lightning.tools.configs import model_config_from_yaml
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", required=True, help="a LightningCLI YAML config with model.arch")
@@ -19,6 +16,10 @@ def _billions(n: float) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    # Imported here: `--help` and argument errors answer without loading torch.
+    from flm_lightning.model import count_model
+    from flm_lightning.tools.configs import model_config_from_yaml
+
     arch, seq_len = model_config_from_yaml(args.config)
     size = count_model(arch, seq_len=seq_len)
     if args.json:

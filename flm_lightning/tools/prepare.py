@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-from flm_lightning.data.prepare import prepare
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, help="files, folders or globs")
@@ -29,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    # Imported here: `--help` and argument errors answer without loading torch.
+    from flm_lightning.data.prepare import prepare
+
     manifest = prepare(
         args.input, args.output, text_field=args.text_field, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
         domain=args.domain, workers=args.workers, val_fraction=args.val_fraction, seed=args.seed,
