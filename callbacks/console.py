@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.model_summary import get_formatted_model_size, 
 from torch import nn
 from torchmetrics import Metric
 
-from flm_lightning.callbacks.throughput import logging_step
+from flm_lightning.loggers import logging_step
 
 
 class StepProgressBar(TQDMProgressBar):

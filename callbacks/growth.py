@@ -21,49 +21,30 @@ of the current batch just before and just after growing (equal: growth preserves
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from flm_lightning.errors import ConfigError
-from flm_lightning.growth import check_growth, layer_order
+from flm_lightning.growth import check_growth
+from flm_lightning.growth.state import GrowthSpec
 from flm_lightning.model import ModelConfig, count_model
-from flm_lightning.optim import LR_POLICIES
 
 
 @dataclass
-class GrowthStage:
-    """One growth event.
+class GrowthStage(GrowthSpec):
+    """One growth event of the schedule: when, to what, and how (the `GrowthSpec` fields)."""
 
-    Args:
-        arch: the fields of model.arch that change (n_layers, n_heads, hidden_size, ffn_hidden_size,
-            and base_hidden_size / head_dim where relevant).
-        at_step: optimizer step at which to grow.
-        at_tokens: or the number of training tokens after which to grow.
-        ramp_steps: steps over which the masks rise from 0 to 1 before being folded away.
-        depth_mode: where new layers go: "stack" (on top) or "interleave" (after their source).
-        depth_init: new layers are "copy" of existing ones or "random".
-        layer_order: an explicit order instead, e.g. [0, 1, "copy:1", 2, 3, "random"].
-        lr_policy: "continue", "rewarmup" (FLM-101B: same schedule, short re-warmup) or "peak" (MSG).
-        rewarmup_steps: length of the re-warmup.
-        optimizer_step: AdamW step count of new tensors: "keep" or "reset_new".
-        seed: seeds the initialisation of the new slices.
-    """
-
-    arch: dict[str, Any]
+    arch: dict[str, Any] = field(default_factory=dict)
+    """The fields of model.arch that change (n_layers, n_heads, hidden_size, ffn_hidden_size, and
+    base_hidden_size / head_dim where relevant)."""
     at_step: Optional[int] = None
+    """Optimizer step at which to grow."""
     at_tokens: Optional[float] = None
-    ramp_steps: int = 100
-    depth_mode: str = "stack"
-    depth_init: str = "copy"
-    layer_order: Optional[list[Union[int, str]]] = None
-    lr_policy: str = "rewarmup"
-    rewarmup_steps: int = 100
-    optimizer_step: str = "keep"
-    seed: int = 0
+    """Or the number of training tokens after which to grow."""
 
 
 class GrowthCallback(Callback):
@@ -93,14 +74,11 @@ class GrowthCallback(Callback):
                 raise ConfigError(f"{where}: growth must happen after at least one step, got step {step}")
             if step < previous_end:
                 raise ConfigError(f"{where} at step {step} starts during the ramp of the previous stage (ends at step {previous_end})")
-            if s.lr_policy not in LR_POLICIES:
-                raise ConfigError(f"{where}: lr_policy must be one of {list(LR_POLICIES)}, got {s.lr_policy!r}")
-            if s.ramp_steps < 0 or s.rewarmup_steps < 0:
-                raise ConfigError(f"{where}: ramp_steps and rewarmup_steps must be >= 0")
             try:
+                s.check()
                 target = ModelConfig.from_dict({**current.to_dict(), **s.arch})
                 check_growth(current, target)
-                layer_order(current.n_layers, target.n_layers, s.depth_mode, s.depth_init, s.layer_order)
+                s.check(current, target)
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
             check_target = getattr(trainer.strategy, "check_growth_target", None)  # FLMParallelStrategy
@@ -125,12 +103,9 @@ class GrowthCallback(Callback):
         if self.applied >= len(self.stages) or trainer.global_step < self._steps[self.applied]:
             return
         s, target = self.stages[self.applied], self._targets[self.applied]
-        pl_module.advance_growth_ramp(trainer.global_step)  # the function this step would train
+        pl_module.growth.advance(trainer.global_step)  # the function this step would train
         before = pl_module.eval_loss(batch)
-        pl_module.apply_growth(
-            target, mode=s.depth_mode, init=s.depth_init, order=s.layer_order, ramp_steps=s.ramp_steps,
-            lr_policy=s.lr_policy, rewarmup_steps=s.rewarmup_steps, optimizer_step=s.optimizer_step, seed=s.seed,
-        )
+        pl_module.apply_growth(target, s)  # a stage is a GrowthSpec
         after = pl_module.eval_loss(batch)
         self.applied += 1
         size = count_model(target)

@@ -19,6 +19,8 @@ from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from flm_lightning.loggers import logging_step  # noqa: F401  (re-exported: older imports)
+
 # Dense bf16 peak TFLOP/s (no sparsity) by a substring of torch.cuda.get_device_name; first match wins.
 PEAK_TFLOPS = (
     ("H200", 989.0),
@@ -114,13 +116,3 @@ class TokenThroughputMonitor(Callback):
             pl_module.log("throughput/tflops", float(metrics["device/flops_per_sec"]) / 1e12)
         if "device/mfu" in metrics:
             pl_module.log("throughput/mfu", float(metrics["device/mfu"]))
-
-
-def logging_step(trainer: L.Trainer, steps_done: int) -> bool:
-    """Whether Lightning's logger writes the values logged now, `steps_done` optimizer steps into the run.
-
-    Lightning writes step values every `trainer.log_every_n_steps` optimizer steps and drops the
-    ones logged in between, so per-step work done only to be logged can be skipped off these steps.
-    """
-    n = trainer.log_every_n_steps
-    return n > 0 and steps_done % n == 0

@@ -20,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -217,3 +219,51 @@ def consolidate_checkpoint(folder: str | Path, out: str | Path) -> dict[str, Any
     ckpt["state_dict"] = tensors["state_dict"]
     write_atomic(out, lambda f: torch.save(ckpt, f))
     return ckpt
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) generator states as plain containers and tensors."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_initial_weights(model: torch.nn.Module, arch: ModelConfig, path: str, sharded: bool = False) -> None:
+    """Load the model weights of checkpoint `path` into `model` (`model.init_from`); a sharded (and possibly
+    pipeline-pruned) model takes the full tensors it holds a part of.
+
+    Raises:
+        ConfigError: the checkpoint's architecture differs from `arch`.
+    """
+    ckpt = load_checkpoint(path)
+    saved = arch_from_checkpoint(ckpt, path)
+    if saved.function_fields() != arch.function_fields():
+        raise ConfigError(f"model.init_from {path}: model.arch differs from the config's: {saved.differences(arch)}")
+    weights = model_weights(ckpt)
+    if not sharded:
+        model.load_state_dict(weights)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    own = set(model.state_dict())
+    set_model_state_dict(
+        model, {k: v for k, v in weights.items() if k in own}, options=StateDictOptions(full_state_dict=True)
+    )

@@ -68,6 +68,20 @@ class StepStats:
     def teacher_acc(self) -> torch.Tensor:
         return self._ratio(self.teacher_correct, self.teacher_tokens)
 
+    def train_metrics(self, grad_norm: Optional[torch.Tensor] = None) -> dict[str, float]:
+        """`train/loss`, `train/ppl` and, when the step has such tokens, `train/lm_loss`, `train/teacher_loss`,
+        `train/teacher_acc` (nats, fraction); `train/grad_norm` when given. A value the step does not have
+        is left out rather than repeated from an earlier step."""
+        metrics = {"train/loss": self.loss, "train/ppl": torch.exp(self.loss)}
+        if self.lm_tokens > 0:
+            metrics["train/lm_loss"] = self.lm_loss
+        if self.teacher_tokens > 0:
+            metrics["train/teacher_loss"] = self.teacher_loss
+            metrics["train/teacher_acc"] = self.teacher_acc
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = grad_norm
+        return {k: float(v) for k, v in metrics.items()}
+
 
 def split_micro_batches(batch: dict[str, torch.Tensor], micro_batches: int) -> list[dict[str, torch.Tensor]]:
     """`batch` (every tensor [B, ...]) as `micro_batches` consecutive slices of B / micro_batches rows.
@@ -108,6 +122,7 @@ class StepEngine:
     has_last_stage: bool = True
     loss_parallel: bool = True
     tied_group: Optional[dist.ProcessGroup] = None  # first and last stage holding a tied embedding
+    grad_norm_of_step: Optional[torch.Tensor] = field(default=None, repr=False)  # set by step_grad_norm
     _loss_scale: float = field(default=1.0, repr=False)
     _stage_sums: list[torch.Tensor] = field(default_factory=list, repr=False)
 
@@ -183,6 +198,7 @@ class StepEngine:
     def train_step(self, batch: dict[str, torch.Tensor], backward: Callable[[torch.Tensor], None]) -> StepStats:
         """Forward and backward of this rank's share of one optimizer step (all its micro-batches);
         the gradient of the step's per-token loss is left in the parameters."""
+        self.grad_norm_of_step = None
         tokens = self._all_reduce(batch["loss_mask"].sum().to(torch.float32), "dp")
         scale = self.dims.dp / tokens.clamp(min=1)
         if self.schedule is not None:
@@ -209,8 +225,32 @@ class StepEngine:
                 sums += self.loss_parts(micro).sums()
         return StepStats(sums)
 
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> float:
+        """This rank's per-token loss of `batch` (nats) with dropout off (the same on every pipeline stage)."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            return float(self.eval_step(batch).loss)
+        finally:
+            self.model.train(training)
+
     def _splits(self, batch: dict[str, torch.Tensor]) -> bool:
         return batch["input_ids"].shape[0] % self.micro_batches == 0
+
+    def step_grad_norm(self, parameters: list[torch.nn.Parameter]) -> Optional[torch.Tensor]:
+        """`grad_norm` of this step, computed once per step (`grad_norm_of_step`); None without any gradient."""
+        if self.grad_norm_of_step is None and any(p.grad is not None for p in parameters):
+            self.grad_norm_of_step = self.grad_norm(parameters)
+        return self.grad_norm_of_step
+
+    def clip_gradients(self, parameters: list[torch.nn.Parameter], max_norm: Optional[float]) -> None:
+        """Compute this step's gradient norm and, with `max_norm`, scale the gradients to at most that norm (the
+        norm before clipping is the one logged, what a spike detector wants). No gradient: nothing to do (e.g.
+        the guard dropped this update)."""
+        norm = self.step_grad_norm(parameters)
+        if norm is not None and max_norm:
+            torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
 
     def grad_norm(self, parameters) -> torch.Tensor:
         """Global L2 norm of the gradients over every shard and pipeline stage (fp32 scalar)."""

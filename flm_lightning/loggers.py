@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+if TYPE_CHECKING:
+    import lightning as L
 
 DEFAULT_ROOT = "runs"
 
@@ -69,3 +72,26 @@ class FLMTensorBoardLogger(TensorBoardLogger):
         parent = folder.parent
         if parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
+
+
+def logging_step(trainer: L.Trainer, steps_done: int) -> bool:
+    """Whether Lightning's logger writes the values logged now, `steps_done` optimizer steps into the run.
+
+    Lightning writes step values every `trainer.log_every_n_steps` optimizer steps and drops the
+    ones logged in between, so per-step work done only to be logged can be skipped off these steps.
+    """
+    n = trainer.log_every_n_steps
+    return n > 0 and steps_done % n == 0
+
+
+def log_model_size(logger: Any, arch: Any, step: int) -> None:
+    """Write `model/parameters` and `model/non_embedding_parameters` of `arch` (a ModelConfig) at `step`."""
+    if logger is None:
+        return
+    from flm_lightning.model import count_model
+
+    size = count_model(arch)
+    logger.log_metrics(
+        {"model/parameters": size.parameters, "model/non_embedding_parameters": size.non_embedding_parameters},
+        step=step,
+    )

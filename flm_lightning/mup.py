@@ -20,7 +20,7 @@ after a width growth the same object built for the new config re-derives every r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -125,3 +125,18 @@ class MuP:
             })
             group["params"].append(param)
         return [groups[k] for k in ROLES if k in groups]
+
+
+def with_base_width(arch: ModelConfig, config: Optional[MuPConfig]) -> ModelConfig:
+    """`arch` with μP's base width: model.mup.base_hidden_size fills model.arch.base_hidden_size when that
+    is unset (the one place the two are reconciled); checks the pairing.
+
+    Raises:
+        ConfigError: model.arch.base_hidden_size is set and differs from model.mup.base_hidden_size.
+    """
+    if config is None:
+        return arch
+    if arch.base_hidden_size is None:
+        arch = replace(arch, base_hidden_size=config.base_hidden_size)
+    MuP(config, arch, 1.0)  # a bad pairing fails here
+    return arch

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any, Optional
 
 from flm_lightning.errors import ConfigError
@@ -161,6 +161,11 @@ class ModelConfig:
             values.pop(not_function)
         return values
 
+    def differences(self, other: "ModelConfig") -> str:
+        """The function fields where `self` (a checkpoint's) and `other` (the config's) differ, in words."""
+        ours, theirs = other.function_fields(), self.function_fields()
+        return ", ".join(f"{k} is {v} in the checkpoint, {ours[k]} in the config" for k, v in theirs.items() if ours[k] != v)
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in fields(cls)}
@@ -199,3 +204,14 @@ def _require_positive(name: str, value: Any) -> None:
 def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"model.arch.{name} must be one of {list(choices)}, got {value!r}")
+
+
+def coerce_config(value: Any, cls):
+    """`value` (an instance of `cls`, a mapping or another dataclass) as a `cls`; ConfigError otherwise."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return cls.from_dict(value) if hasattr(cls, "from_dict") else cls(**value)
+    if is_dataclass(value):
+        return cls(**asdict(value))
+    raise ConfigError(f"expected a {cls.__name__} or a mapping, got {type(value).__name__}")

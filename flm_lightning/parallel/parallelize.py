@@ -13,12 +13,9 @@ vocabulary-parallel cross-entropy (`torch.distributed.tensor.parallel.loss_paral
 
 from __future__ import annotations
 
-import zlib
-from typing import Callable, Optional
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate, Shard
@@ -85,28 +82,3 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: str = "flo
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     for root in roots or [model]:
         fully_shard(root, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-
-
-def name_seed(seed: int, name: str) -> int:
-    """A generator seed for one parameter: the same on every rank and layout, distinct per name."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
-
-
-@torch.no_grad()
-def initialize_sharded(model: nn.Module, init_std: Callable[[str], Optional[float]], seed: int) -> None:
-    """Initialise a sharded model (after meta-device construction) one full parameter at a time.
-
-    Each parameter is drawn in full from its own generator (`name_seed`) and its shard taken by
-    `set_model_state_dict`, so the weights are the same whatever the layout and no rank ever
-    holds more than one full parameter. `init_std(name)` is the truncated-normal std of a
-    matrix, or None for vector-like parameters (norm weights one, biases zero).
-    """
-    for name, param in model.named_parameters():
-        full = torch.empty(param.shape, dtype=param.dtype, device="cpu")  # not the meta init context
-        std = init_std(name)
-        if std is None:
-            full.fill_(0.0 if name.endswith("bias") else 1.0)
-        else:
-            generator = torch.Generator().manual_seed(name_seed(seed, name))
-            nn.init.trunc_normal_(full, 0.0, std, -3 * std, 3 * std, generator=generator)
-        set_model_state_dict(model, {name: full}, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -12,7 +12,6 @@ pp > 1; `trainer.gradient_clip_val` keeps its meaning and is applied by the modu
 
 from __future__ import annotations
 
-import os
 import shutil
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -63,11 +62,10 @@ class FLMParallelStrategy(ModelParallelStrategy):
         reshard_after_forward: FSDP2 frees gathered parameters after forward (ZeRO-3) or keeps
             them until backward (ZeRO-2-like, more memory, fewer all-gathers).
         loss_parallel: keep logits vocabulary-sharded into the cross-entropy (no full logits per rank).
-        meta_init: build the model on the meta device and initialise each rank's shards after
-            sharding, each parameter drawn from its own seeded generator (the same weights at
-            every layout). Needed when the full model does not fit one process (FLM-101B,
-            Tele-FLM). Without it every rank builds the full model first and starts from exactly
-            the weights of a one-process run.
+        meta_init: build the model on the meta device and materialise only each rank's shards
+            (needed when the full model does not fit one process: FLM-101B, Tele-FLM). Every
+            layout, with or without it, then initialises each parameter from its own seeded
+            generator (`flm_lightning.build`), so all start from the weights of a one-process run.
     """
 
     def __init__(
@@ -126,11 +124,6 @@ class FLMParallelStrategy(ModelParallelStrategy):
         self._device_mesh = init_device_mesh(self.root_device.type, self.dims.shape, mesh_dim_names=MESH_DIMS)
         module._device_mesh = self._device_mesh
         rank_zero_info(f"FLMParallelStrategy: {self.dims} on {self.world_size} processes ({self.root_device.type})")
-
-    @property
-    def init_seed(self) -> int:
-        """Seed of meta_init's per-parameter generators: the run's seed_everything value."""
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     @contextmanager
     def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
