@@ -83,7 +83,7 @@ class FLMLightningModule(L.LightningModule):
         self.growth = GrowthState()  # LR events, the mask ramp in progress, the history (saved in checkpoints)
         self.val_metrics = ValidationLosses()
 
-    def attached_trainer(self) -> Optional[L.Trainer]:
+    def trainer_or_none(self) -> Optional[L.Trainer]:
         """The Trainer running this module, or None (tools and tests use the module without one)."""
         try:
             return self.trainer
@@ -92,7 +92,7 @@ class FLMLightningModule(L.LightningModule):
 
     # ---- construction --------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        trainer = self.attached_trainer()
+        trainer = self.trainer_or_none()
         datamodule = getattr(trainer, "datamodule", None)
         if trainer is not None and stage == "fit":
             check_step_settings(trainer)
@@ -126,7 +126,7 @@ class FLMLightningModule(L.LightningModule):
         self.model, self.engine, self.flops_per_batch = engine.model, engine, None
 
     def _install_args(self) -> dict[str, Any]:
-        trainer = self.attached_trainer()
+        trainer = self.trainer_or_none()
         micro_batches = int(getattr(getattr(trainer, "datamodule", None), "micro_batches", 1))
         return {
             "strategy": getattr(trainer, "strategy", None),
@@ -194,7 +194,7 @@ class FLMLightningModule(L.LightningModule):
 
     def build_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.AdamW:
         """AdamW for `model` (default: the current network): μP groups (LR per role) when μP is on."""
-        trainer = self.attached_trainer()
+        trainer = self.trainer_or_none()
         # fp16 loss scaling unscales inside a fused step, so clipping would see scaled gradients.
         loss_scaling = trainer is not None and trainer.precision == "16-mixed"
         return make_optimizer(self.model if model is None else model, self.optim_cfg, self.mup, not loss_scaling)
@@ -223,7 +223,7 @@ class FLMLightningModule(L.LightningModule):
         inside `fit`, rebuild the optimizer and give it `optimizer_state` (flattened, keyed by parameter name)."""
         self.arch = arch
         self._set(install(model, **self._install_args()))
-        trainer = self.attached_trainer()
+        trainer = self.trainer_or_none()
         if trainer is not None and trainer.training:
             trainer.strategy.setup_optimizers(trainer)  # configure_optimizers for the new network
             load_full_optimizer_state(self.model, trainer.optimizers[0], optimizer_state)
@@ -257,7 +257,7 @@ class FLMLightningModule(L.LightningModule):
         saved = ModelConfig.from_dict(checkpoint["hyper_parameters"]["arch"])
         if saved.function_fields() == self.arch.function_fields():
             return
-        trainer = self.attached_trainer()
+        trainer = self.trainer_or_none()
         if not (checkpoint.get("flm_growth") or {}).get("history"):
             where = trainer.ckpt_path if trainer is not None else "checkpoint"
             raise ConfigError(f"{where}: model.arch differs from the config's: {saved.differences(self.arch)}")

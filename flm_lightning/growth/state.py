@@ -205,7 +205,7 @@ class GrowthHost(Protocol):
     global_step: int
     sharded: bool
 
-    def attached_trainer(self) -> Any: ...
+    def trainer_or_none(self) -> Any: ...
     def build_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer: ...
     def swap_network(self, model: FLMTransformer, arch: ModelConfig, optimizer_state: Optional[dict] = None) -> None: ...
 
@@ -222,7 +222,7 @@ def grow_host(host: GrowthHost, target: ModelConfig, spec: GrowthSpec) -> GrownN
     from flm_lightning.mup import MuP
     from flm_lightning.parallel.growth import gather_for_growth
 
-    trainer = host.attached_trainer()
+    trainer = host.trainer_or_none()
     if host.sharded:
         trainer.strategy.check_growth_target(target)
     host.growth.check_can_grow(host.global_step)
