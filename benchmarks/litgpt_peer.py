@@ -496,6 +496,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--precision: {p!r} is not one of {', '.join(PRECISIONS)}")
     if args.steps < 1 or args.warmup < 1 or args.repeats < 1 or args.threads < 1:
         parser.error("--steps, --warmup, --repeats and --threads must be >= 1 (warmup >= 1: step 0 carries start-up)")
+    for name in ("config", "venv", "work", "json", "png"):  # as given from here; the runs start in the repository
+        setattr(args, name, str(Path(getattr(args, name)).resolve()))
+    os.chdir(REPO)  # the trainer's data cache (data.init_args.cache_dir) is relative to the repository
     started = time.time()
     try:
         have = ensure_litgpt(Path(args.venv))
@@ -539,7 +542,8 @@ def _benchmark(args, precisions: list[str], have: dict, started: float) -> int:
                           windows=windows, tokenizer_dir=tokenizer_dir, checksums=data["checksums"],
                           tokens_per_step=shape.batch_size * shape.seq_len)
     result = {"meta": {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "config": args.config, "sets": sets,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "sets": sets,
+        "config": os.path.relpath(args.config, REPO),
         "parameters": parameters, "litgpt_model_config": litgpt_config, "batch_size": shape.batch_size,
         "seq_len": shape.seq_len, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
         "threads": args.threads, "compile": args.compile, "timing": "perf_counter/process_time at every step start "
