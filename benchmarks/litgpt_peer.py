@@ -67,6 +67,9 @@ DEFAULT_SETS = (
 )
 
 
+from flm_lightning.errors import ConfigError  # noqa: E402 (after the path set-up above)
+
+
 class PeerError(RuntimeError):
     """A condition under which the comparison would not be fair or a run failed."""
 
@@ -468,7 +471,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", default="conf/tiny.yaml", help="the trainer's config (its depth, optimiser, "
+    parser.add_argument("-c", "--config", default=str(REPO / "conf" / "tiny.yaml"), help="the trainer's config (its depth, optimiser, "
                         "clipping, logging; default conf/tiny.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override as in `flm_lightning bench`, applied after the default shape "
@@ -506,7 +509,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.install_only:
             return 0
         return _benchmark(args, precisions, have, started)
-    except PeerError as e:
+    except (PeerError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
