@@ -150,10 +150,11 @@ def spread(values: Sequence[float]) -> dict:
 def _fresh(fn: Callable[..., dict], *args) -> dict:
     """`fn(*args)` in a new interpreter (multiprocessing "spawn"), one thread budget as this process."""
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    with multiprocessing.get_context("spawn").Pool(1, initializer=torch.set_num_threads,
-                                                   initargs=(torch.get_num_threads(),)) as pool:
-        return pool.apply(fn, args)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(torch.get_num_threads(),)) as pool:  # shut down and joined on exit
+        return pool.submit(fn, *args).result()
 
 
 def _device_peak(device: str) -> Optional[float]:
