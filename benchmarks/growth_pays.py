@@ -123,12 +123,17 @@ def run_fit(cfg: dict, name: str, args) -> list[tuple[int, float]]:
     subprocess.run([sys.executable, "-c", launcher, str(args.threads), str(ROOT / "main.py"), "fit", "-c", str(path)],
                    cwd=ROOT, check=True, env={**os.environ, **env_threads},
                    stdout=subprocess.DEVNULL, stderr=None if args.verbose else subprocess.DEVNULL)
+    return read_curve(sorted(glob.glob(str(args.work / name / "version_*")))[-1])[0]
+
+
+def read_curve(run_dir: str) -> tuple[list[tuple[int, float]], float]:
+    """(step, validation loss) of a run's TensorBoard log, and the seconds between its first and last value."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = sorted(glob.glob(str(args.work / name / "version_*")))[-1]
     acc = EventAccumulator(glob.glob(run_dir + "/events.out.tfevents.*")[0])
     acc.Reload()
-    return [(e.step + 1, e.value) for e in acc.Scalars("val/loss")]
+    events = acc.Scalars("val/loss")
+    return [(e.step + 1, e.value) for e in events], events[-1].wall_time - events[0].wall_time
 
 
 # ---- FLOPs and summaries ------------------------------------------------------------------------
@@ -170,11 +175,14 @@ def main() -> None:
     parser.add_argument("--work", default="runs/growth_pays", help="configs and TensorBoard logs of the runs")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run (16 x 128 tokens each)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--runs", nargs="+", default=["small", "scratch", "grown"], help="a subset to rerun")
+    parser.add_argument("--runs", nargs="*", default=["small", "scratch", "grown"],
+                        help="a subset to rerun; none: rebuild the table and plot from the JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (runs go one at a time)")
     parser.add_argument("--val-every", type=int, default=10)
     parser.add_argument("--val-windows", type=int, default=16, help="validation windows per domain")
     parser.add_argument("--verbose", action="store_true", help="show the trainer's output")
+    parser.add_argument("--reuse-logs", action="store_true",
+                        help="read a run's curve from its TensorBoard log in --work when there is one instead of training")
     args = parser.parse_args()
     args.work = (ROOT / args.work).resolve()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -212,8 +220,12 @@ def main() -> None:
             print(f"[{kind} seed {seed}] training {args.steps} steps ...", flush=True)
             cfg = config(f"{kind}_s{seed}", seed, run_archs[kind], stages if kind == "grown" else [], args.steps, args,
                          data, counts)
-            curves[kind][str(seed)] = run_fit(cfg, f"{kind}_s{seed}", args)
-            wall[kind][str(seed)] = time.time() - t
+            logs = sorted(glob.glob(str(args.work / f"{kind}_s{seed}" / "version_*")))
+            if args.reuse_logs and logs:
+                curves[kind][str(seed)], wall[kind][str(seed)] = read_curve(logs[-1])
+            else:
+                curves[kind][str(seed)] = run_fit(cfg, f"{kind}_s{seed}", args)
+                wall[kind][str(seed)] = time.time() - t
             print(f"[{kind} seed {seed}] final val loss {curves[kind][str(seed)][-1][1]:.4f} "
                   f"({wall[kind][str(seed)]:.0f} s, {time.time() - start_all:.0f} s so far)", flush=True)
 
@@ -238,11 +250,16 @@ def main() -> None:
             per_seed = []
             for c in curves["grown"].values():
                 d = dict(c)
-                window = [d[s] - d[at] for s in d if at < s <= at + 50]
+                ref = max(s for s in d if s <= at)  # the last evaluation before the event
+                window = [d[s] - d[ref] for s in d if at < s <= at + 50]
                 per_seed.append(max(window))
             rises.append({"at_step": at, "max_rise_50_steps_per_seed": per_seed})
+        paired = [dict(curves["small"][k])[args.steps] - dict(curves["grown"][k])[args.steps]
+                  for k in curves["grown"] if k in curves["small"]]
         result["verdict"] = {
             "grown_below_small_by": a["final_mean"] - g["final_mean"],
+            # same seed = same initial small model and same data order: the per-seed difference
+            "grown_below_small_by_per_seed": paired,
             "twice_seed_spread": 2 * max(a["final_std"], g["final_std"]),
             "scratch_flops_to_grown_final_loss": reach,
             "flops_saving_factor": reach / g["flops"] if reach else None,
@@ -260,19 +277,21 @@ def main() -> None:
 def table(result: dict) -> str:
     lines = ["| run | parameters | training FLOPs | tokens | final val loss, mean ± std (min..max) | seeds |",
              "|---|---|---|---|---|---|"]
+    params = result["stage_parameters"]
+    sizes = {"small": f"{params[0] / 1e6:.2f}M", "scratch": f"{params[-1] / 1e6:.2f}M",
+             "grown": " -> ".join(f"{p / 1e6:.2f}M" for p in params)}
     for kind in ("small", "scratch", "grown"):
         if kind not in result["summary"]:
             continue
         s = result["summary"][kind]
-        lines.append(f"| {s['label']} | | {s['flops']:.3g} | {s['tokens']:,} | {s['final_mean']:.4f} ± {s['final_std']:.4f} "
-                     f"({s['final_min']:.4f}..{s['final_max']:.4f}) | {s['seeds']} |")
-    lines = [ln.replace("| |", f"| {'/'.join(f'{p / 1e6:.2f}M' for p in result['stage_parameters'])} |", 1)
-             if "grown" in ln else ln.replace("| |", "| |", 1) for ln in lines]
+        lines.append(f"| {s['label']} | {sizes[kind]} | {s['flops']:.3g} | {s['tokens']:,} | {s['final_mean']:.4f} ± "
+                     f"{s['final_std']:.4f} ({s['final_min']:.4f}..{s['final_max']:.4f}) | {s['seeds']} |")
     v = result.get("verdict")
     if v:
         saving = f"{v['flops_saving_factor']:.2f}x" if v["flops_saving_factor"] else "never (scratch does not reach it)"
         lines += ["", f"- grown below small-only by {v['grown_below_small_by']:.4f} "
-                      f"(twice the larger seed std: {v['twice_seed_spread']:.4f})",
+                      f"(twice the larger seed std: {v['twice_seed_spread']:.4f}); per seed (same init and data "
+                      f"order): {', '.join(f'{x:.4f}' for x in v['grown_below_small_by_per_seed'])}",
                   f"- FLOPs the from-scratch model needs to reach the grown run's final loss / FLOPs the grown run "
                   f"spent: {saving}"]
         for r in v["rise_after_growth"]:
