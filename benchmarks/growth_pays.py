@@ -106,7 +106,8 @@ def config(name: str, seed: int, arch: dict, stages: list[dict], steps: int, arg
         "model": {"arch": arch, "optim": OPTIM},
         "data": {"class_path": "flm_lightning.data.MixtureDataModule", "init_args": {
             # weights in proportion to the windows and a one-epoch cap: no window is seen twice
-            "sources": [{"path": str(data / d), "weight": counts[d]["train_windows"], "epochs": 1.0} for d in ("en", "zh")],
+            "sources": [{"path": str(data / d), "weight": counts[d]["train_windows"], "epochs": 1.0}
+                        for d in ("en", "zh")],
             "seq_len": SEQ, "batch_size": BATCH, "val_windows": args.val_windows, "seed": seed}},
     }
 
@@ -182,7 +183,7 @@ def main() -> None:
     parser.add_argument("--val-windows", type=int, default=16, help="validation windows per domain")
     parser.add_argument("--verbose", action="store_true", help="show the trainer's output")
     parser.add_argument("--reuse-logs", action="store_true",
-                        help="read a run's curve from its TensorBoard log in --work when there is one instead of training")
+                        help="read a run's curve from its TensorBoard log in --work (when there is one); no training")
     args = parser.parse_args()
     args.work = (ROOT / args.work).resolve()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -205,7 +206,8 @@ def main() -> None:
                    "grown": [(0, fpt[0])] + [(s["at_step"], f) for s, f in zip(stages, fpt[1:])]}
     run_archs = {"small": SMALL, "scratch": current, "grown": SMALL}
     params = [count_model(a).parameters for a in archs]
-    labels = {"small": f"(a) small {params[0] / 1e6:.2f}M alone", "scratch": f"(b) final {params[-1] / 1e6:.2f}M from scratch",
+    labels = {"small": f"(a) small {params[0] / 1e6:.2f}M alone",
+              "scratch": f"(b) final {params[-1] / 1e6:.2f}M from scratch",
               "grown": "(c) grown " + " -> ".join(f"{p / 1e6:.2f}M" for p in params)}
 
     results_path = ROOT / args.out / "growth_pays.json"
