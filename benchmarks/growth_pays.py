@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/growth", help="where the JSON, table and PNG go")
     parser.add_argument("--data", default="runs/growth_data", help="the prepared corpus (made on first use)")
     parser.add_argument("--work", default="runs/growth_pays", help="configs and TensorBoard logs of the runs")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run (16 x 128 tokens each)")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps of every run (16 x 128 tokens each)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--runs", nargs="*", default=["small", "scratch", "grown"],
                         help="a subset to rerun; none: rebuild the table and plot from the JSON")
