@@ -45,7 +45,10 @@ class GrowthStage:
         at_tokens: or the number of training tokens after which to grow.
         ramp_steps: steps over which the masks rise from 0 to 1 before being folded away.
         depth_mode: where new layers go: "stack" (on top) or "interleave" (after their source).
-        depth_init: new layers are "copy" of existing ones or "random".
+        depth_init: new layers are "random" (fresh, at the init of the grown model: the default) or "copy"
+            of existing ones. A copied layer applies its trained source's branch a second time once its
+            mask reaches 1, so the function drifts over the ramp and the validation loss rises
+            (measured in docs/growth.md); a fresh layer's residual outputs start at init_std / sqrt(2L).
         layer_order: an explicit order instead, e.g. [0, 1, "copy:1", 2, 3, "random"].
         lr_policy: "continue", "rewarmup" (FLM-101B: same schedule, short re-warmup) or "peak" (MSG).
         rewarmup_steps: length of the re-warmup.
@@ -58,7 +61,7 @@ class GrowthStage:
     at_tokens: Optional[float] = None
     ramp_steps: int = 100
     depth_mode: str = "stack"
-    depth_init: str = "copy"
+    depth_init: str = "random"
     layer_order: Optional[list[Union[int, str]]] = None
     lr_policy: str = "rewarmup"
     rewarmup_steps: int = 100
