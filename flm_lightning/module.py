@@ -133,7 +133,7 @@ class FLMLightningModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if self._trainer is not None and stage == "fit":
-            self._check_step_settings(datamodule)
+            self._check_step_settings()
             # The step runs its micro-batches, clipping and the optimizer itself (manual optimisation).
             # Set after Lightning's configuration checks, which refuse gradient_clip_val under manual
             # optimisation: here it keeps its meaning and is applied in on_before_optimizer_step.
@@ -153,7 +153,7 @@ class FLMLightningModule(L.LightningModule):
             if name not in self.val_domain_loss:
                 self.val_domain_loss[name] = MeanMetric().to(self.device)
 
-    def _check_step_settings(self, datamodule: Any) -> None:
+    def _check_step_settings(self) -> None:
         trainer = self.trainer
         if trainer.accumulate_grad_batches != 1:
             raise ConfigError(

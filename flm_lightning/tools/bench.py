@@ -247,6 +247,7 @@ def _trainer_run(config: dict, steps: int, warmup: int, logs: str) -> dict:
 
 
 def _loop_run(config: dict, steps: int, warmup: int, logs: str) -> dict:
+    from flm_lightning.engine import split_micro_batches
     from flm_lightning.objective import freelm_loss
     from flm_lightning.optim import build_scheduler
 
@@ -279,9 +280,7 @@ def _loop_run(config: dict, steps: int, warmup: int, logs: str) -> dict:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         # The trainer's normalisation: token-loss sums of the step's micro-batches over the step's tokens.
         tokens = batch["loss_mask"].sum().clamp(min=1)
-        rows = batch["input_ids"].shape[0] // micro_batches
-        for i in range(micro_batches):
-            micro = {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+        for micro in split_micro_batches(batch, micro_batches):
             with autocast():
                 logits = model(micro["input_ids"], position_ids=micro.get("position_ids"),
                                attention_mask=micro.get("attention_mask"))
