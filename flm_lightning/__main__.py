@@ -21,9 +21,9 @@ TOOLS = {
                            "training shards."),
     "grow": ("grow", "`python -m flm_lightning grow --ckpt IN --config TARGET.yaml --out OUT`: offline growth "
                      "between stages."),
-    "export-hf": ("export_hf", "`python -m flm_lightning export-hf --ckpt CKPT --out DIR`: a Hugging Face model "
-                               "directory."),
-    "import-hf": ("import_hf", "`python -m flm_lightning import-hf --model DIR --out CKPT`: a Llama (or exported FLM) "
+    "export-hf": ("export_hf", "`python -m flm_lightning export-hf --ckpt CKPT --out DIR [--format F]`: a Hugging "
+                               "Face model directory."),
+    "import-hf": ("import_hf", "`python -m flm_lightning import-hf --model DIR --out CKPT`: a Llama, Tele-FLM or FLM "
                                "model into this trainer."),
     "generate": ("generate", '`python -m flm_lightning generate --ckpt CKPT --prompt "..."`: text from a checkpoint '
                              "(KV cache)."),

@@ -51,11 +51,15 @@ class FLMCLI(LightningCLI):
             if subcommand == "fit":
                 check_resume_arch(Path(ckpt_path), self.config[subcommand].get("model"))
 
+    def _section(self, config):
+        """The subcommand's part of a config (the whole config when built with run=False, as bench does)."""
+        return config[self.subcommand] if self.subcommand else config
+
     def before_instantiate_classes(self) -> None:
-        derive_folders(self.config[self.subcommand], self.subcommand)
+        derive_folders(self._section(self.config), self.subcommand)
 
     def instantiate_trainer(self, **kwargs: Any):
-        config = self.config_init[self.subcommand]
+        config = self._section(self.config_init)
         trainer = config["trainer"]
         callbacks = trainer.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]

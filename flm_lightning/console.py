@@ -142,14 +142,20 @@ class _DropAdvertisements(logging.Filter):
 def quiet_third_party() -> None:
     """Drop what third-party libraries print on every run that says nothing about it: Lightning's
     "💡 Tip: ... try installing litlogger / litmodels" advertisements, the FutureWarning of torch's
-    `LeafSpec` that Lightning's own pytree helper triggers, and the non-empty checkpoint folder warning
-    on a resume. Warnings about the run itself stay."""
+    `LeafSpec` that Lightning's own pytree helper triggers, the non-empty checkpoint folder warning
+    on a resume, and two resume/checkpoint warnings that do not apply to this trainer's one-step,
+    self-resuming data path. Warnings about the run itself stay."""
     import warnings
 
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
     # The CLI refuses a new run in a used checkpoint folder, so this one only fires when resuming, where it is expected.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # Every step is one manual-optimisation training_step, and a checkpoint holds the state after that
+    # step's update, as its global_step says: the right state, not the pre-update one Lightning asks about.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
+    # The data modules restore their own position (consumed samples) from the checkpoint.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropAdvertisements) for f in log.filters):
         log.addFilter(_DropAdvertisements())

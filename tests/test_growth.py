@@ -9,6 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from flm_lightning.callbacks import GrowthCallback
 from flm_lightning.cli import main
 from flm_lightning.errors import ConfigError
 from flm_lightning.growth import GrowthMasks, grow, layer_order, masked_norm, transfer_adam_state
@@ -276,3 +277,35 @@ def test_offline_growth_tool(growth_run, docs_cache, tmp_path):
     refused = subprocess.run([sys.executable, "-m", "flm_lightning", "grow", "--ckpt", mid_ramp, "--config", str(target),
                               "--out", str(tmp_path / "y.ckpt")], capture_output=True, text=True)
     assert refused.returncode == 2 and "still in progress" in refused.stderr and not (tmp_path / "y.ckpt").exists()
+
+
+def test_new_layers_change_the_function_little_at_the_end_of_the_ramp():
+    """The measured cause of the val-loss rise after depth growth (docs/growth.md): a copied layer,
+    once its mask reaches 1, applies its trained source's branch a second time, so the function drifts
+    by about that branch over the ramp; a fresh layer (residual outputs at init_std / sqrt(2L)) barely
+    moves it. GrowthCallback therefore adds random layers by default."""
+    torch.manual_seed(0)
+    old_cfg = tiny_config("teleflm")
+    model = FLMTransformer(old_cfg)
+    opt = build_adamw(model, OptimConfig(lr=1e-2, weight_decay=0.0))
+    tokens = torch.randint(0, 100, (4, 33))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+
+    def loss(m):
+        return torch.nn.functional.cross_entropy(m(inputs).flatten(0, 1), labels.flatten()).item()
+
+    for _ in range(30):  # train, so the layers' branches are no longer at their init scale
+        torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), labels.flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    base = loss(model)
+    drift = {}
+    for init in ("copy", "random"):
+        grown, _, _, plan = grow(model, replace(old_cfg, n_layers=2 * old_cfg.n_layers), init=init, seed=1)
+        masks = GrowthMasks(grown, plan, m=0.0)
+        assert loss(grown) == pytest.approx(base, abs=1e-5)  # function preserving at m = 0
+        masks.remove()  # m = 1: the folded model the ramp ends at
+        drift[init] = loss(grown) - base
+    # measured: copy +0.025 nats, random -8e-6
+    assert drift["copy"] > 0.015 and abs(drift["random"]) < 1e-4, drift
+    assert GrowthCallback(stages=[{"arch": {"n_layers": 4}, "at_step": 1}]).stages[0].depth_init == "random"

@@ -261,17 +261,20 @@ def test_bench_tool_reports_both_throughputs_and_memory(tmp_path, docs_cache, ca
 
 
 def test_bf16_mixed_clips_gradients_of_the_fused_optimizer():
-    """Lightning's mixed-precision plugin refuses to clip for fused optimizers; the module clips itself."""
+    """Lightning's mixed-precision plugin refuses to clip for fused optimizers; the module's step clips itself,
+    with the step's global gradient norm."""
     import lightning as L
 
     module = FLMLightningModule(arch=tiny_config("teleflm"))
     module.configure_model()
-    module.trainer = L.Trainer(precision="bf16-mixed", accelerator="cpu", logger=False)
+    module.trainer = L.Trainer(precision="bf16-mixed", accelerator="cpu", logger=False, gradient_clip_val=0.5)
     optimizer = module.build_optimizer()
     assert optimizer.defaults["fused"]
     for p in module.model.parameters():
         p.grad = torch.ones_like(p)
-    module.configure_gradient_clipping(optimizer, 0.5, "norm")
+    before = torch.nn.utils.get_total_norm([p.grad for p in module.model.parameters()]).item()
+    module.on_before_optimizer_step(optimizer)
+    assert module.grad_norm().item() == pytest.approx(before, rel=1e-6)  # logged before clipping
     assert torch.nn.utils.get_total_norm([p.grad for p in module.model.parameters()]).item() == pytest.approx(0.5, rel=1e-5)
 
 

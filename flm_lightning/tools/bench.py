@@ -1,12 +1,15 @@
 """`python -m flm_lightning bench -c CONFIG`: the trainer's throughput against a hand-written loop.
 
 Each repeat runs the full Lightning trainer of the config (its callbacks, logger, gradient
-clipping and precision; checkpointing and validation off) and then a minimal PyTorch loop on the
+clipping and precision; checkpointing and validation off) and a minimal PyTorch loop on the
 identical model (same init through `configure_model`), the same batches (the config's
 DataModule), the same precision (`torch.autocast` for bf16-mixed), the same AdamW, LR schedule
 and clipping. Both are timed from the start of step `--warmup` to the start of step
-`--warmup + --steps`, so data loading and every per-step hook count. The ratio trainer / loop is
-the framework's throughput share (1.0 = no overhead); the median over `--repeats` is reported.
+`--warmup + --steps`, so data loading and every per-step hook count. Every run starts in its own
+fresh interpreter (no allocator, thread or import state from the run before), and the side that
+goes first alternates between repeats. The ratio trainer / loop is the framework's throughput share
+(1.0 = no overhead); the median over `--repeats` is reported with min, max and IQR of each side
+and of the ratio.
 The same ratio in tokens per second of process CPU time is reported beside it: on a shared CPU
 machine other processes inflate wall times at random, but not the CPU time each side spends.
 
@@ -42,9 +45,13 @@ PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "bf16-t
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", required=True, help="a LightningCLI YAML config (e.g. conf/tiny.yaml)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
-    parser.add_argument("--repeats", type=int, default=3, help="trainer/loop pairs, interleaved")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="trainer/loop pairs; each run in a fresh process, the first side alternating")
+    parser.add_argument("--same-process", action="store_true",
+                        help="run everything in this process (the old way; state carries over between runs): for "
+                             "process-wide settings such as a forced sdpa kernel, or a short GPU session")
     parser.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: known GPUs)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -57,7 +64,8 @@ def run(args: argparse.Namespace) -> None:
         if getattr(args, name) < (0 if name == "warmup" else 1):
             raise ConfigError(f"--{name} must be {'>= 0' if name == 'warmup' else 'a positive integer'}, got {getattr(args, name)}")
     overrides = [_override(item) for item in args.set]
-    result = benchmark(args.config, args.steps, args.warmup, args.repeats, args.peak_tflops, overrides, progress=print)
+    result = benchmark(args.config, args.steps, args.warmup, args.repeats, args.peak_tflops, overrides, progress=print,
+                       fresh_processes=not args.same_process)
     print_report(result)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -72,8 +80,10 @@ def _override(item: str) -> tuple[list[str], Any]:
 
 
 def benchmark(config: str, steps: int, warmup: int, repeats: int, peak_tflops: Optional[float] = None,
-              overrides: Sequence[tuple[list[str], Any]] = (), progress: Callable[[str], Any] = lambda _: None) -> dict:
-    """Interleaved trainer / loop runs; tokens/s of each, their ratios and peak memory."""
+              overrides: Sequence[tuple[list[str], Any]] = (), progress: Callable[[str], Any] = lambda _: None,
+              fresh_processes: bool = True) -> dict:
+    """Trainer / loop runs, the first side alternating; tokens/s of each, their ratios (median and spread) and
+    peak memory. `fresh_processes`: each run in a new interpreter (default), else all in this one."""
     values = load_yaml(config)
     for keys, value in overrides:
         section = values
@@ -84,11 +94,16 @@ def benchmark(config: str, steps: int, warmup: int, repeats: int, peak_tflops: O
         section[keys[-1]] = value
     trainer_runs, loop_runs = [], []
     with tempfile.TemporaryDirectory(prefix="flm-bench-") as logs:
-        _trainer_run(values, 1, 0, logs)  # prepares the data and imports what the first run would pay for
+        call = _fresh if fresh_processes else (lambda fn, *args: fn(*args))
+        call(_trainer_run, values, 1, 0, logs)  # prepares the data once (not timed)
         for repeat in range(repeats):
-            trainer_runs.append(_trainer_run(values, steps, warmup, logs))
-            loop_runs.append(_loop_run(values, steps, warmup, logs))
-            progress(f"repeat {repeat + 1}/{repeats}: trainer {trainer_runs[-1]['tokens_per_sec']:,.0f} tokens/s, "
+            # Each run in its own fresh process (no allocator, thread-pool or import state carried
+            # over from the other side), and the side that goes first alternates.
+            order = (("trainer", _trainer_run), ("loop", _loop_run))
+            for side, fn in order if repeat % 2 == 0 else order[::-1]:
+                (trainer_runs if side == "trainer" else loop_runs).append(call(fn, values, steps, warmup, logs))
+            progress(f"repeat {repeat + 1}/{repeats} ({'trainer' if repeat % 2 == 0 else 'loop'} first): "
+                     f"trainer {trainer_runs[-1]['tokens_per_sec']:,.0f} tokens/s, "
                      f"loop {loop_runs[-1]['tokens_per_sec']:,.0f} tokens/s")
     first = trainer_runs[0]
     ratios = [t["tokens_per_sec"] / l["tokens_per_sec"] for t, l in zip(trainer_runs, loop_runs)]
@@ -99,11 +114,14 @@ def benchmark(config: str, steps: int, warmup: int, repeats: int, peak_tflops: O
         "config": config, "overrides": [f"{'.'.join(k)}={json.dumps(v)}" for k, v in overrides],
         "device": first["device"], "precision": first["precision"], "threads": torch.get_num_threads(),
         "parameters": first["parameters"], "batch_size": first["batch_size"], "seq_len": first["seq_len"],
-        "steps": steps, "warmup": warmup, "repeats": repeats,
+        "steps": steps, "warmup": warmup, "repeats": repeats, "fresh_processes": fresh_processes,
         "trainer_tokens_per_sec": [r["tokens_per_sec"] for r in trainer_runs],
         "loop_tokens_per_sec": [r["tokens_per_sec"] for r in loop_runs],
         "ratios": ratios, "median_ratio": statistics.median(ratios),
         "cpu_ratios": cpu_ratios, "median_cpu_ratio": statistics.median(cpu_ratios),
+        "spread": {"trainer": spread([r["tokens_per_sec"] for r in trainer_runs]),
+                   "loop": spread([r["tokens_per_sec"] for r in loop_runs]),
+                   "ratio": spread(ratios), "cpu_ratio": spread(cpu_ratios)},
         "trainer_peak_memory_bytes": _median_known(r["peak_memory_bytes"] for r in trainer_runs),
         "loop_peak_memory_bytes": _median_known(r["peak_memory_bytes"] for r in loop_runs),
     }
@@ -119,6 +137,24 @@ def benchmark(config: str, steps: int, warmup: int, repeats: int, peak_tflops: O
 def _median_known(values) -> Optional[float]:
     known = [v for v in values if v is not None]
     return statistics.median(known) if known else None
+
+
+def spread(values: Sequence[float]) -> dict:
+    """Median, min, max and interquartile range of `values`."""
+    ordered = sorted(values)
+    quartiles = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 3
+    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1],
+            "iqr": quartiles[2] - quartiles[0]}
+
+
+def _fresh(fn: Callable[..., dict], *args) -> dict:
+    """`fn(*args)` in a new interpreter (multiprocessing "spawn"), one thread budget as this process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(torch.get_num_threads(),)) as pool:  # shut down and joined on exit
+        return pool.submit(fn, *args).result()
 
 
 def _device_peak(device: str) -> Optional[float]:
@@ -138,6 +174,10 @@ def print_report(r: dict) -> None:
     print(f"{'median':>6} {statistics.median(r['trainer_tokens_per_sec']):>17,.0f} "
           f"{statistics.median(r['loop_tokens_per_sec']):>14,.0f} {r['median_ratio']:>7.3f} "
           f"{r['median_cpu_ratio']:>15.3f}  (trainer / loop)")
+    for name, unit in (("trainer", " tokens/s"), ("loop", " tokens/s"), ("ratio", ""), ("cpu_ratio", "")):
+        d = r["spread"][name]
+        print(f"{name:>9}: median {d['median']:,.3f}{unit}, min {d['min']:,.3f}, max {d['max']:,.3f}, "
+              f"IQR {d['iqr']:,.3f}")
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f} MiB"
     print(f"peak memory: trainer {mib(r['trainer_peak_memory_bytes'])}, loop {mib(r['loop_peak_memory_bytes'])}")
     if "trainer_mfu" in r:
@@ -207,6 +247,7 @@ def _trainer_run(config: dict, steps: int, warmup: int, logs: str) -> dict:
 
 
 def _loop_run(config: dict, steps: int, warmup: int, logs: str) -> dict:
+    from flm_lightning.engine import split_micro_batches
     from flm_lightning.objective import freelm_loss
     from flm_lightning.optim import build_scheduler
 
@@ -239,9 +280,7 @@ def _loop_run(config: dict, steps: int, warmup: int, logs: str) -> dict:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         # The trainer's normalisation: token-loss sums of the step's micro-batches over the step's tokens.
         tokens = batch["loss_mask"].sum().clamp(min=1)
-        rows = batch["input_ids"].shape[0] // micro_batches
-        for i in range(micro_batches):
-            micro = {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+        for micro in split_micro_batches(batch, micro_batches):
             with autocast():
                 logits = model(micro["input_ids"], position_ids=micro.get("position_ids"),
                                attention_mask=micro.get("attention_mask"))
