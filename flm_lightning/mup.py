@@ -13,8 +13,11 @@ AdamW learning rate at width multiplier r = hidden_size / base_hidden_size:
 | vector | norms, biases | ones / zeros | lr |
 
 The forward multipliers are the model's own: embeddings times input_mult, logits times
-output_mult / r (`ModelConfig.base_hidden_size`). Everything is a function of the config, so
-after a width growth the same object built for the new config re-derives every rule.
+`ModelConfig.logit_scale` (output_mult / r). The base width lives in one place,
+`ModelConfig.base_hidden_size`, which gives r (`ModelConfig.width_mult`) to the forward and to
+these rules alike; `model.mup.base_hidden_size` may give it instead (`with_base_width` moves it
+there). Everything is a function of the config, so after a width growth the same object built
+for the new config re-derives every rule.
 """
 
 from __future__ import annotations
@@ -37,19 +40,20 @@ class MuPConfig:
     """μP hyper-parameters, as searched on a proxy of width `base_hidden_size`.
 
     Args:
-        base_hidden_size: the proxy's width (r = 1 there).
+        base_hidden_size: the proxy's width (r = 1 there); default: model.arch.base_hidden_size, the one
+            place the run reads it from. Given here, it fills an unset model.arch.base_hidden_size.
         std: init std of the embedding and the readout.
         matrix_std: init std of hidden matrices at the base width.
         matrix_lr: AdamW LR of hidden matrices at the base width (default: model.optim.lr).
     """
 
-    base_hidden_size: int
+    base_hidden_size: Optional[int] = None
     std: float = 0.02
     matrix_std: float = 0.02
     matrix_lr: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if self.base_hidden_size <= 0:
+        if self.base_hidden_size is not None and self.base_hidden_size <= 0:
             raise ConfigError(f"model.mup.base_hidden_size must be > 0, got {self.base_hidden_size}")
         for name in ("std", "matrix_std"):
             if getattr(self, name) < 0:
@@ -75,14 +79,18 @@ def role(name: str) -> str:
 
 
 class MuP:
+    """The μP rules of `arch` (its base width `arch.base_hidden_size`) with the hyper-parameters `config`."""
+
     def __init__(self, config: MuPConfig, arch: ModelConfig, lr: float):
-        if arch.base_hidden_size != config.base_hidden_size:
+        if arch.base_hidden_size is None:
+            raise ConfigError("μP needs a base width: set model.arch.base_hidden_size (or model.mup.base_hidden_size)")
+        if config.base_hidden_size not in (None, arch.base_hidden_size):
             raise ConfigError(
                 f"model.arch.base_hidden_size ({arch.base_hidden_size}) must equal model.mup.base_hidden_size "
                 f"({config.base_hidden_size}): the logit multiplier output_mult / r uses it"
             )
         self.config, self.arch, self.lr = config, arch, lr
-        self.width_mult = arch.hidden_size / config.base_hidden_size
+        self.width_mult = arch.width_mult
 
     def init_std(self, name: str) -> Optional[float]:
         """Init std of a matrix parameter; None for vector-like ones (ones / zeros)."""
@@ -129,14 +137,15 @@ class MuP:
 
 def with_base_width(arch: ModelConfig, config: Optional[MuPConfig]) -> ModelConfig:
     """`arch` with μP's base width: model.mup.base_hidden_size fills model.arch.base_hidden_size when that
-    is unset (the one place the two are reconciled); checks the pairing.
+    is unset (the one place the two are reconciled; from then on only the arch's is read); checks the pairing.
 
     Raises:
-        ConfigError: model.arch.base_hidden_size is set and differs from model.mup.base_hidden_size.
+        ConfigError: no base width on either side, or model.arch.base_hidden_size is set and differs from
+            model.mup.base_hidden_size.
     """
     if config is None:
         return arch
-    if arch.base_hidden_size is None:
+    if arch.base_hidden_size is None and config.base_hidden_size is not None:
         arch = replace(arch, base_hidden_size=config.base_hidden_size)
     MuP(config, arch, 1.0)  # a bad pairing fails here
     return arch

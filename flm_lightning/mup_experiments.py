@@ -15,7 +15,7 @@ import torch
 
 from flm_lightning.errors import ConfigError, DataError
 from flm_lightning.model import ModelConfig
-from flm_lightning.mup import MuPConfig
+from flm_lightning.mup import MuPConfig, with_base_width
 from flm_lightning.optim import OptimConfig
 
 
@@ -50,10 +50,7 @@ def build_module(arch: ModelConfig, lr: float, mup: Optional[MuPConfig]):
     parametrization (default init, one LR, logits times output_mult without the 1/r)."""
     from flm_lightning.module import FLMLightningModule  # Lightning import only when used
 
-    if mup is None:
-        arch = replace(arch, base_hidden_size=None)
-    else:
-        arch = replace(arch, base_hidden_size=mup.base_hidden_size)
+    arch = replace(arch, base_hidden_size=None) if mup is None else with_base_width(arch, mup)
     module = FLMLightningModule(arch=arch, optim=OptimConfig(lr=lr, warmup_steps=0, decay="constant"), mup=mup)
     module.configure_model()
     return module, module.build_optimizer()
@@ -102,7 +99,7 @@ def coord_check(arch: ModelConfig, mup: MuPConfig, lr: float, widths: Sequence[i
     seq_len = min(seq_len, arch.max_seq_len)
     tokens = torch.randint(0, arch.vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed))
     result = {"widths": list(widths), "steps": steps, "lr": lr, "batch": [batch_size, seq_len],
-              "base_hidden_size": mup.base_hidden_size}
+              "base_hidden_size": with_base_width(arch, mup).base_hidden_size}
     for name, cfg in (("mup", mup), ("sp", None)):
         per_width = {}
         for width in widths:

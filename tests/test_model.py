@@ -140,6 +140,13 @@ def test_multipliers_scale_embeddings_and_logits():
     torch.testing.assert_close(scaled_in(tokens), model(tokens), rtol=1e-5, atol=1e-5)
 
 
+def test_logit_scale_is_output_mult_over_width_mult():
+    """One definition of the logit factor (ModelConfig.logit_scale), read by the model, its pipeline stages,
+    the growth operators and the Hugging Face conversion."""
+    assert tiny_config("teleflm", output_mult=0.5, base_hidden_size=8).logit_scale == 0.5 / 4.0
+    assert tiny_config("teleflm").logit_scale == 1.0
+
+
 def test_layers_keep_stable_names():
     model = FLMTransformer(tiny_config("teleflm", n_layers=3))
     names = {n for n, _ in model.named_parameters()}

@@ -83,6 +83,17 @@ def test_mismatched_base_width_is_refused():
         MuPConfig(base_hidden_size=32, matrix_lr=-1.0)
 
 
+def test_base_width_is_read_from_the_arch_alone():
+    """model.arch.base_hidden_size is the one base width: model.mup may leave it out, and without either the
+    run stops before any state exists."""
+    arch = tiny_config("teleflm", hidden_size=64, n_heads=4, head_dim=16, base_hidden_size=16)
+    assert MuP(MuPConfig(), arch, 1e-3).width_mult == 4.0 == arch.width_mult
+    module = FLMLightningModule(arch=arch, mup=MuPConfig(std=0.01))
+    assert module.arch.base_hidden_size == 16 and module.mup.width_mult == 4.0
+    with pytest.raises(ConfigError, match="μP needs a base width"):
+        FLMLightningModule(arch=replace(arch, base_hidden_size=None), mup=MuPConfig())
+
+
 def test_mup_module_applies_the_logit_multiplier_in_forward():
     arch = tiny_config("teleflm", hidden_size=64, n_heads=4, head_dim=16, output_mult=0.5)
     module = FLMLightningModule(arch=arch, mup=MuPConfig(base_hidden_size=16))

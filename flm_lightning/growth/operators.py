@@ -53,8 +53,7 @@ def check_growth(old: ModelConfig, new: ModelConfig) -> None:
         raise ConfigError(f"growth may change only {list(GROWABLE)}; the target also changes {sorted(changed)}")
     if new.max_seq_len < old.max_seq_len:
         raise ConfigError(f"growth cannot shrink max_seq_len: {old.max_seq_len} -> {new.max_seq_len}")
-    logit_scale_changes = old.output_mult / old.width_mult != new.output_mult / new.width_mult
-    if new.tie_embeddings and logit_scale_changes:
+    if new.tie_embeddings and old.logit_scale != new.logit_scale:
         raise ConfigError("a tied model cannot grow its width under a μP output multiplier (the head cannot be rescaled)")
     if (new.function_fields() == old.function_fields()):
         raise ConfigError("the growth target equals the current model: nothing grows")
@@ -285,12 +284,10 @@ def mask_value(step: int, start: int, ramp_steps: int) -> float:
 
 
 def rescale_head_for_width(grown: FLMTransformer, old: ModelConfig, new: ModelConfig) -> None:
-    """Keep logits equal when a μP output multiplier (output_mult / width_mult) changes with width."""
-    old_scale = old.output_mult / old.width_mult
-    new_scale = new.output_mult / new.width_mult
-    if old_scale != new_scale and grown.output is not None:
+    """Keep logits equal when the logit scale (μP's output_mult / width_mult) changes with width."""
+    if old.logit_scale != new.logit_scale and grown.output is not None:
         with torch.no_grad():
-            grown.output.weight.mul_(old_scale / new_scale)
+            grown.output.weight.mul_(old.logit_scale / new.logit_scale)
 
 
 def grow(model: FLMTransformer, new_config: ModelConfig, mode: str = "stack", init: str = "copy",

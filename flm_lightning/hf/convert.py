@@ -74,8 +74,7 @@ def is_llama_family(arch: ModelConfig) -> bool:
 def is_llama_compatible(arch: ModelConfig) -> bool:
     """A Llama family network whose multipliers can be folded into the weights (the head is untied,
     or there is nothing to fold)."""
-    logit_scale = arch.output_mult / arch.width_mult
-    foldable = not arch.tie_embeddings or (arch.input_mult == 1.0 and logit_scale == 1.0)
+    foldable = not arch.tie_embeddings or (arch.input_mult == 1.0 and arch.logit_scale == 1.0)
     return is_llama_family(arch) and foldable
 
 
@@ -167,9 +166,8 @@ def _fold_multipliers(arch: ModelConfig, weights: dict[str, torch.Tensor]) -> di
     """Plain Llama: input_mult into the embedding, output_mult / width_mult into the (untied) head."""
     if arch.input_mult != 1.0:
         weights["tok_embeddings.weight"] = weights["tok_embeddings.weight"] * arch.input_mult
-    logit_scale = arch.output_mult / arch.width_mult
-    if logit_scale != 1.0:
-        weights["output.weight"] = weights["output.weight"] * logit_scale
+    if arch.logit_scale != 1.0:
+        weights["output.weight"] = weights["output.weight"] * arch.logit_scale
     return _describe_llama(arch)
 
 
@@ -237,7 +235,7 @@ def _describe_flm(arch: ModelConfig) -> dict:
         "xpos_scale_base": arch.xpos_scale_base,
         "tie_embeddings": arch.tie_embeddings,
         "input_mult": arch.input_mult,
-        "logit_scale": arch.output_mult / arch.width_mult,
+        "logit_scale": arch.logit_scale,
         "max_position_embeddings": arch.max_seq_len,
         "tie_word_embeddings": False,
     }

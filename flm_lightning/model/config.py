@@ -147,7 +147,14 @@ class ModelConfig:
 
     @property
     def width_mult(self) -> float:
+        """μP's width multiplier r = hidden_size / base_hidden_size (1 without a base width)."""
         return self.hidden_size / (self.base_hidden_size or self.hidden_size)
+
+    @property
+    def logit_scale(self) -> float:
+        """The factor on the logits, output_mult / width_mult: the one definition used by the model, its
+        pipeline stages, the growth operators and the Hugging Face conversion."""
+        return self.output_mult / self.width_mult
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -106,5 +106,5 @@ class FLMTransformer(nn.Module):
             logits = F.linear(h, self.tok_embeddings.weight)
         else:
             return h  # a pipeline stage without the head
-        scale = self.config.output_mult / self.config.width_mult
+        scale = self.config.logit_scale
         return logits * scale if scale != 1.0 else logits

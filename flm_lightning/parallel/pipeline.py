@@ -51,7 +51,7 @@ class StageModule(FLMTransformer):
             return h  # hidden states go to the next stage
         if self.tied_head is None:
             return super().logits(h)
-        scale = self.config.output_mult / self.config.width_mult
+        scale = self.config.logit_scale
         logits = F.linear(h, self.tied_head.weight)
         return logits * scale if scale != 1.0 else logits
 
