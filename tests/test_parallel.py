@@ -4,6 +4,8 @@ Layouts run as forked local ranks (flm_lightning.parallel.launch); the reference
 one-process fit with Lightning's default strategy, on the same global batches.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -12,7 +14,9 @@ from flm_lightning.data.datamodule import micro_batches_per_step
 from flm_lightning.cli import main
 from flm_lightning.errors import CheckpointError, ConfigError
 from flm_lightning.parallel.dims import ParallelDims, check_layout, stage_layers
+from flm_lightning.model import FLMTransformer
 from flm_lightning.parallel.launch import run_forked
+from flm_lightning.parallel.pipeline import split_for_rank
 from flm_lightning.tools.compare_layouts import layout_overrides, parse_layout, run_layout, train_layout
 from flm_lightning.tools.consolidate import consolidate_checkpoint
 from tests.conftest import tiny_config
@@ -183,6 +187,35 @@ def test_bad_layout_exits_2_before_any_process_group(config, capsys):
 def test_stages_split_layers_evenly_or_by_layout():
     assert stage_layers(5, 2) == [["0", "1", "2"], ["3", "4"]]
     assert stage_layers(4, 2, [1, 3]) == [["0"], ["1", "2", "3"]]
+
+
+@pytest.mark.parametrize("stages_per_rank", [1, 2])
+def test_pipeline_stages_hold_every_submodule_and_compute_the_model(family, stages_per_rank):
+    """Split over pp = 2 ranks (no process group: the split is local), the stages hold every submodule of
+    the model, the rank's own objects, and run in order they compute the model's logits. A submodule added
+    to FLMTransformer without a pipeline placement stops the split instead of being silently dropped."""
+    torch.manual_seed(0)
+    model = FLMTransformer(tiny_config(family, n_layers=4)).eval()
+    tokens = torch.randint(0, 100, (2, 9))
+    stages_by_id, held = {}, set()
+    for pp_rank in range(2):
+        part = copy.deepcopy(model)
+        ids, stages = split_for_rank(part, pp_rank, 2, stages_per_rank)
+        own = {id(m) for m in part.modules()}
+        for stage in stages:
+            assert all(id(m) in own for m in stage.modules() if m is not stage and m is not stage.layers)
+            held |= {"tok_embeddings" if name == "tied_head" else name for name, _ in stage.named_children()}
+        stages_by_id.update(zip(ids, stages))
+    assert held == {name for name, _ in model.named_children()}
+    assert [n for s in sorted(stages_by_id) for n in stages_by_id[s].layers] == list(model.layers)
+    with torch.no_grad():
+        h = tokens
+        for stage_id in sorted(stages_by_id):
+            h = stages_by_id[stage_id](h)
+        torch.testing.assert_close(h, model(tokens))
+    model.extra = torch.nn.Linear(4, 4)  # a new submodule, placed nowhere
+    with pytest.raises(TypeError, match="FLMTransformer.extra has no pipeline placement"):
+        split_for_rank(copy.deepcopy(model), 0, 2, stages_per_rank)
 
 
 def _rank_failure():

@@ -27,8 +27,18 @@ def rank_stages(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
     return [pp_rank + k * pp for k in range(stages_per_rank)]
 
 
+# On which stages each submodule of `FLMTransformer` runs: "first" / "last" (the first or last stage only),
+# "every" (shared by all stages, e.g. the rotary tables) or "layers" (each stage its own layers).
+STAGE_PLACEMENT = {"tok_embeddings": "first", "rotary": "every", "layers": "layers", "norm": "last", "output": "last"}
+
+
 class StageModule(FLMTransformer):
     """One pipeline stage: a view over the pruned model's modules (no parameters of its own).
+
+    It runs `FLMTransformer.forward` without `FLMTransformer.__init__` (which would build and draw a
+    whole model): every submodule of `model` is placed by `STAGE_PLACEMENT`, and one missing from that
+    table stops the split with a TypeError, so a submodule added to the model cannot silently be left
+    out of (or run twice by) the stages.
 
     With tied embeddings the last stage computes the logits with its own copy of the embedding
     matrix (kept under the same name, `tok_embeddings.weight`, so checkpoints do not change);
@@ -38,11 +48,16 @@ class StageModule(FLMTransformer):
     def __init__(self, model: FLMTransformer, layer_names: list[str], first: bool, last: bool):
         nn.Module.__init__(self)
         self.config = model.config
-        self.tok_embeddings = model.tok_embeddings if first else None
-        self.rotary = model.rotary
-        self.layers = nn.ModuleDict({name: model.layers[name] for name in layer_names})
-        self.norm = model.norm if last else None
-        self.output = model.output if last else None
+        runs_here = {"first": first, "last": last, "every": True, "layers": True}
+        for name in STAGE_PLACEMENT:
+            setattr(self, name, None)  # pruned from this rank's model, or not run by this stage
+        for name, child in model.named_children():
+            if name not in STAGE_PLACEMENT:
+                raise TypeError(f"FLMTransformer.{name} has no pipeline placement: add it to "
+                                "flm_lightning.parallel.pipeline.STAGE_PLACEMENT")
+            if name == "layers":
+                child = nn.ModuleDict({n: model.layers[n] for n in layer_names})
+            setattr(self, name, child if runs_here[STAGE_PLACEMENT[name]] else None)
         self.is_last = last
         self.tied_head = model.tok_embeddings if last and model.config.tie_embeddings else None
 
