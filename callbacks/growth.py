@@ -32,6 +32,7 @@ from flm_lightning.errors import ConfigError
 from flm_lightning.growth import check_growth
 from flm_lightning.growth.state import GrowthSpec
 from flm_lightning.model import ModelConfig, count_model
+from flm_lightning.protocols import TrainedModule
 
 
 @dataclass
@@ -61,7 +62,7 @@ class GrowthCallback(Callback):
         self._targets: list[ModelConfig] = []
 
     # ---- validation, before training ---------------------------------------------------------
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: TrainedModule, stage: str) -> None:
         if stage != "fit":
             return
         tokens_per_step = self._tokens_per_step(trainer)
@@ -104,7 +105,7 @@ class GrowthCallback(Callback):
         return dm.global_batch() * dm.seq_len
 
     # ---- growing --------------------------------------------------------------------------------
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: TrainedModule, batch: Any, batch_idx: int) -> None:
         if self.applied >= len(self.stages) or trainer.global_step < self._steps[self.applied]:
             return
         s, target = self.stages[self.applied], self._targets[self.applied]

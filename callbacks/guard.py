@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from flm_lightning.errors import TrainingHalted
+from flm_lightning.protocols import TrainedModule
 
 POLICIES = ("log", "skip", "rollback")
 
@@ -80,7 +81,7 @@ class TrainingGuard(Callback):
         self.consecutive = self.nonfinite_total = self.spikes_total = self.rollbacks = 0
         self.rising_flagged = False
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: TrainedModule, optimizer) -> None:
         step = trainer.global_step
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if not grads:
@@ -91,7 +92,7 @@ class TrainingGuard(Callback):
             for g in grads:
                 g.mul_(1e4)
         norm = float(pl_module.grad_norm())  # over every shard and stage under the parallel strategy
-        loss = float(getattr(pl_module, "last_loss", 0.0))
+        loss = float(pl_module.last_loss)
         if not (math.isfinite(norm) and math.isfinite(loss)):
             self._drop_update(pl_module)
             self.consecutive += 1
@@ -121,11 +122,11 @@ class TrainingGuard(Callback):
         self._watch_trend(pl_module, norm)
 
     @staticmethod
-    def _drop_update(pl_module: L.LightningModule) -> None:
+    def _drop_update(pl_module: TrainedModule) -> None:
         for p in pl_module.parameters():
             p.grad = None
 
-    def _rollback(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _rollback(self, trainer: L.Trainer, pl_module: TrainedModule) -> None:
         ckpt_cb = trainer.checkpoint_callback
         folder = Path(ckpt_cb.dirpath) if ckpt_cb is not None and ckpt_cb.dirpath else None
         candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder and folder.is_dir() else []
@@ -142,7 +143,7 @@ class TrainingGuard(Callback):
         pl_module.log("guard/rollbacks", float(self.rollbacks))
         rank_zero_warn(f"rolled back to {candidates[-1].name} (step {ckpt.get('global_step')}); the data stream moves on")
 
-    def _watch_trend(self, pl_module: L.LightningModule, norm: float) -> None:
+    def _watch_trend(self, pl_module: TrainedModule, norm: float) -> None:
         self.norms.append(norm)
         if self.rising_flagged or len(self.norms) < self.norms.maxlen:
             return

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from flm_lightning.loggers import logging_step  # noqa: F401  (re-exported: older imports)
+from flm_lightning.protocols import TrainedModule
 
 # Dense bf16 peak TFLOP/s (no sparsity) by a substring of torch.cuda.get_device_name; first match wins.
 PEAK_TFLOPS = (
@@ -64,7 +65,7 @@ class TokenThroughputMonitor(Callback):
         self.peak_tflops = peak_tflops
         self._meter: Optional[Throughput] = None
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: TrainedModule) -> None:
         peak_tflops = self.peak_tflops or device_peak_tflops(pl_module.device)
         if peak_tflops and not self.peak_tflops:
             rank_zero_info(f"TokenThroughputMonitor: MFU against {peak_tflops:g} TFLOP/s ({torch.cuda.get_device_name(pl_module.device)})")
@@ -80,21 +81,21 @@ class TokenThroughputMonitor(Callback):
         self._paused = 0.0
         self._batches = self._samples = self._tokens = self._flops = 0
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_start(self, trainer: L.Trainer, pl_module: TrainedModule) -> None:
         self._val_start = time.perf_counter()
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: TrainedModule) -> None:
         if self._meter is not None:
             self._paused += time.perf_counter() - self._val_start
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: L.Trainer, pl_module: TrainedModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         ids = batch["input_ids"]
         self._batches += 1
         self._samples += ids.shape[0]
         self._tokens += ids.numel()
-        self._flops += (getattr(pl_module, "flops_per_batch", None) or 0) / self._model_parallel
+        self._flops += (pl_module.flops_per_batch or 0) / self._model_parallel
         if not logging_step(trainer, trainer.global_step):
             return
         # Lightning writes logged values on logging steps only: measure there, so a GPU run pays one

@@ -90,3 +90,28 @@ def test_rising_gradient_norm_is_flagged():
     for step in range(20):
         guard._watch_trend(module, 1.0 * 1.15 ** step)
     assert guard.rising_flagged and module.logged["guard/grad_norm_rising"] == 1.0
+
+
+def test_callbacks_read_the_module_through_a_protocol():
+    """FLMLightningModule gives what the callbacks read (flm_lightning.protocols.TrainedModule); the module
+    imports no callback, and neither reaches into Lightning's private attributes."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flm_lightning.module import FLMLightningModule
+    from flm_lightning.protocols import TrainedModule
+    from tests.conftest import tiny_config
+
+    assert isinstance(FLMLightningModule(arch=tiny_config("teleflm")), TrainedModule)
+    loaded = subprocess.run([sys.executable, "-c", "import sys, flm_lightning.module; "
+                             "print(sorted(m for m in sys.modules if m.startswith('flm_lightning.callbacks')))"],
+                            capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
+    root = Path(__file__).resolve().parents[1]
+    private = re.compile(r"\._trainer\b|\._device_mesh\b|PL_GLOBAL_SEED|\._optimizer\b")
+    hits = [f"{path.relative_to(root)}:{n}" for folder in ("flm_lightning", "callbacks")
+            for path in sorted((root / folder).rglob("*.py"))
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if private.search(line)]
+    assert hits == []

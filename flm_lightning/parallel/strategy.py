@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from flm_lightning.checkpoint import DISTRIBUTED_METADATA as METADATA
 from flm_lightning.data.datamodule import micro_batches_per_step
@@ -97,6 +97,7 @@ class FLMParallelStrategy(ModelParallelStrategy):
         self.loss_parallel = loss_parallel
         self.meta_init = meta_init
         self.dims: Optional[ParallelDims] = None
+        self.mesh: Optional[DeviceMesh] = None  # the (pp, dp, tp) mesh, built in setup_environment
 
     # ---- layout ---------------------------------------------------------------------------------
     def check(self, arch: ModelConfig, datamodule: Any) -> ParallelDims:
@@ -120,10 +121,16 @@ class FLMParallelStrategy(ModelParallelStrategy):
         module = self.lightning_module
         trainer = module.trainer
         self.dims = self.check(module.arch, getattr(trainer, "datamodule", None))
-        super().setup_environment()  # process group (and Lightning's own 2D mesh, replaced below)
-        self._device_mesh = init_device_mesh(self.root_device.type, self.dims.shape, mesh_dim_names=MESH_DIMS)
-        module._device_mesh = self._device_mesh
+        super().setup_environment()  # process group (and Lightning's own 2D mesh, which `device_mesh` replaces)
+        self.mesh = init_device_mesh(self.root_device.type, self.dims.shape, mesh_dim_names=MESH_DIMS)
         rank_zero_info(f"FLMParallelStrategy: {self.dims} on {self.world_size} processes ({self.root_device.type})")
+
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        """The (pp, dp, tp) mesh (`mesh`); the module reads it from its `StepEngine`."""
+        if self.mesh is None:
+            raise RuntimeError("FLMParallelStrategy.device_mesh is built in setup_environment, not before")
+        return self.mesh
 
     @contextmanager
     def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
@@ -165,7 +172,7 @@ class FLMParallelStrategy(ModelParallelStrategy):
     # ---- checkpoints ------------------------------------------------------------------------------
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
+            optimizer = optimizer.optimizer
         return get_optimizer_state_dict(self.model, optimizer, options=OPTIMIZER_OPTIONS)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
