@@ -294,6 +294,9 @@ def summarize_parser_error(message: str) -> str:
         return own.group(0).strip()
     keys = re.findall(r'[Kk]ey "([^"]+)"', message)
     key = ".".join(dict.fromkeys(keys)) if keys else ""
+    literal = re.search(r"Expected a typing\.Literal\[([^\n]*)\]\. Got value: ([^\n]*)", message)
+    if literal and key:  # a config choice (a Literal field): the words of the config's own check
+        return f"{key} must be one of [{literal.group(1)}], got {literal.group(2)!r}"
     expected = re.search(r"Expected a ([^\n]*?)\. Got value: ([^\n]*)", message)
     given = re.search(r"Given value: ([^\n]*)", message)
     choices = re.findall(r"Expected a typing\.Literal\[([^\n]*)\]", message)

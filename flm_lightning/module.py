@@ -28,7 +28,12 @@ from flm_lightning.model import FLMTransformer, ModelConfig, count_model
 from flm_lightning.model.config import coerce_config
 from flm_lightning.mup import MuP, MuPConfig, with_base_width
 from flm_lightning.optim import OptimConfig, build_scheduler
-from flm_lightning.parallel.compute import apply_activation_checkpointing, apply_compile, check_checkpoint_mode
+from flm_lightning.parallel.compute import (
+    CheckpointMode,
+    apply_activation_checkpointing,
+    apply_compile,
+    check_checkpoint_mode,
+)
 from flm_lightning.parallel.growth import load_full_optimizer_state
 from flm_lightning.validation import ValidationLosses
 
@@ -53,7 +58,7 @@ class FLMLightningModule(L.LightningModule):
         optim: Optional[OptimConfig] = None,
         init_from: Optional[str] = None,
         mup: Optional[MuPConfig] = None,
-        activation_checkpointing: str = "none",
+        activation_checkpointing: CheckpointMode = "none",
         compile: bool = False,
     ):
         super().__init__()

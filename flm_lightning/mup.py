@@ -37,20 +37,17 @@ ROLES = ("embedding", "hidden", "residual_out", "readout", "vector")
 
 @dataclass
 class MuPConfig:
-    """μP hyper-parameters, as searched on a proxy of width `base_hidden_size`.
-
-    Args:
-        base_hidden_size: the proxy's width (r = 1 there); default: model.arch.base_hidden_size, the one
-            place the run reads it from. Given here, it fills an unset model.arch.base_hidden_size.
-        std: init std of the embedding and the readout.
-        matrix_std: init std of hidden matrices at the base width.
-        matrix_lr: AdamW LR of hidden matrices at the base width (default: model.optim.lr).
-    """
+    """μP hyper-parameters, as searched on a proxy of width `base_hidden_size`."""
 
     base_hidden_size: Optional[int] = None
+    """The proxy's width (r = 1 there); default: model.arch.base_hidden_size, the one place the run reads
+    it from. Given here, it fills an unset model.arch.base_hidden_size."""
     std: float = 0.02
+    """Init std of the embedding and the readout."""
     matrix_std: float = 0.02
+    """Init std of hidden matrices at the base width."""
     matrix_lr: Optional[float] = None
+    """AdamW LR of hidden matrices at the base width (default: model.optim.lr)."""
 
     def __post_init__(self) -> None:
         if self.base_hidden_size is not None and self.base_hidden_size <= 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Literal, Optional, Sequence, get_args
 
 import torch
 from torch import nn
@@ -12,32 +12,32 @@ from torch.distributed.tensor import DTensor
 
 from flm_lightning.errors import ConfigError
 
-DECAYS = ("cosine", "linear", "constant")
+Decay = Literal["cosine", "linear", "constant"]
+DECAYS = get_args(Decay)
+LRPolicy = Literal["continue", "rewarmup", "peak"]
+LR_POLICIES = get_args(LRPolicy)  # growth events' LR policies (see `lr_at`)
 
 
 @dataclass
 class OptimConfig:
-    """AdamW and its schedule (FLM-101B: betas 0.9/0.95, weight decay 0.1, clip 1.0, cosine to 6e-6).
-
-    Args:
-        lr: peak learning rate.
-        min_lr: final learning rate of the decay.
-        warmup_steps: linear warmup from 0 to `lr`.
-        decay: "cosine", "linear" or "constant" after warmup.
-        decay_steps: length of warmup + decay; default the trainer's max_steps.
-        weight_decay: applied to matrices (ndim >= 2) only, never to biases or norm weights.
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-    """
+    """AdamW and its schedule (FLM-101B: betas 0.9/0.95, weight decay 0.1, clip 1.0, cosine to 6e-6)."""
 
     lr: float = 3e-4
+    """Peak learning rate."""
     min_lr: float = 3e-5
+    """Final learning rate of the decay."""
     warmup_steps: int = 100
-    decay: str = "cosine"
+    """Linear warmup from 0 to `lr`."""
+    decay: Decay = "cosine"
+    """The schedule after warmup: "cosine", "linear" or "constant"."""
     decay_steps: Optional[int] = None
+    """Length of warmup + decay; default the trainer's max_steps."""
     weight_decay: float = 0.1
+    """Applied to matrices (ndim >= 2) only, never to biases or norm weights."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
     eps: float = 1e-8
+    """AdamW epsilon."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -91,9 +91,6 @@ def build_adamw(model: nn.Module, cfg: OptimConfig, groups: Optional[list[dict]]
     fused = (allow_fused and len(devices) == 1 and devices <= set(FUSED_ADAMW_DEVICES)
              and not any(isinstance(p, DTensor) for p in params))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None, foreach=None if fused else True)
-
-
-LR_POLICIES = ("continue", "rewarmup", "peak")
 
 
 def _decayed(cfg: OptimConfig, progress: float) -> float:

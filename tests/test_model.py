@@ -211,3 +211,16 @@ def test_derived_sizes_follow_edits():
     wider = replace(cfg, hidden_size=64)
     assert (cfg.head_size, cfg.ffn_size) == (8, 128)
     assert (wider.head_size, wider.ffn_size) == (16, 192)
+
+
+def test_config_choices_are_literal_fields():
+    """A choice of the configs is a typing.Literal field (the CLI checks it, the dataclass too, in the same words)."""
+    import typing
+
+    from flm_lightning.optim import OptimConfig
+
+    for cls, names in ((ModelConfig, ("norm", "activation", "position", "attention_backend")), (OptimConfig, ("decay",))):
+        hints = typing.get_type_hints(cls)
+        assert all(typing.get_origin(hints[name]) is typing.Literal for name in names), cls
+    with pytest.raises(ConfigError, match=r"model.arch.norm must be one of \['layernorm', 'rmsnorm'\], got 'batchnorm'"):
+        tiny_config("teleflm", norm="batchnorm")

@@ -30,40 +30,34 @@ from flm_lightning.errors import DataError
 
 @dataclass
 class SourceSpec:
-    """One domain of the mixture.
-
-    Args:
-        path: a directory written by `python -m flm_lightning prepare`.
-        weight: sampling weight (normalised over all sources).
-        epochs: at most this many passes over the source (fractions allowed); None: no cap.
-        name: the name in logs; default the prepared domain name.
-    """
+    """One domain of the mixture."""
 
     path: str
+    """A directory written by `python -m flm_lightning prepare`."""
     weight: float = 1.0
+    """Sampling weight (normalised over all sources)."""
     epochs: Optional[float] = None
+    """At most this many passes over the source (fractions allowed); None: no cap."""
     name: Optional[str] = None
+    """The name in logs; default the prepared domain name."""
 
 
 @dataclass
 class TeacherSpec:
-    """FreeLM teacher data, mixed into every batch.
-
-    Args:
-        path: JSONL of {"text", "proposition", "label": true|false} (judgement samples, scored on
-            the label token only) and/or {"prompt", "response"} (instruction samples, prompt masked).
-        ratio: fraction of the rows of every batch.
-        true_token: label token for true propositions (FLM-101B used two emoji).
-        false_token: label token for false ones. Both must be single tokens of the tokenizer
-            (prepare with --special-tokens to make them so).
-        val_fraction: records held out for validation (teacher loss and accuracy).
-    """
+    """FreeLM teacher data, mixed into every batch."""
 
     path: str
+    """JSONL of {"text", "proposition", "label": true|false} (judgement samples, scored on the label token
+    only) and/or {"prompt", "response"} (instruction samples, prompt masked)."""
     ratio: float = 0.1
+    """Fraction of the rows of every batch."""
     true_token: str = "\U0001F608"
+    """Label token for true propositions (FLM-101B used two emoji)."""
     false_token: str = "\U0001F621"
+    """Label token for false ones. Both must be single tokens of the tokenizer (prepare with
+    --special-tokens to make them so)."""
     val_fraction: float = 0.1
+    """Records held out for validation (teacher loss and accuracy)."""
 
 
 class PackedWindows:

@@ -24,8 +24,7 @@ from flm_lightning.errors import ConfigError
 from flm_lightning.growth.operators import GrowthMasks, MaskPlan, grow, layer_order, mask_value
 from flm_lightning.growth.optimizer import transfer_adam_state
 from flm_lightning.model import FLMTransformer, ModelConfig
-
-LRPolicy = Literal["continue", "rewarmup", "peak"]
+from flm_lightning.optim import LRPolicy
 
 
 @dataclass

@@ -25,7 +25,7 @@ import functools
 import importlib.util
 import logging
 import math
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,8 @@ from flm_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-ATTENTION_BACKENDS = ("sdpa", "math", "flash", "te", "auto")
+AttentionBackend = Literal["sdpa", "math", "flash", "te", "auto"]
+ATTENTION_BACKENDS = get_args(AttentionBackend)
 _HALF = (torch.float16, torch.bfloat16)
 
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 import math
 import typing
 from dataclasses import asdict, dataclass, fields, is_dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 from flm_lightning.errors import ConfigError
-from flm_lightning.model.attention import ATTENTION_BACKENDS
+from flm_lightning.model.attention import AttentionBackend
 
-NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("gelu", "swiglu")
-POSITIONS = ("rope", "xpos")
+Norm = Literal["layernorm", "rmsnorm"]
+Activation = Literal["gelu", "swiglu"]
+Position = Literal["rope", "xpos"]
+NORMS, ACTIVATIONS, POSITIONS = get_args(Norm), get_args(Activation), get_args(Position)
 # xPos scales q by zeta^((n-c)/B) and k by its inverse, centre c = max_seq_len // 2; the steepest pair
 # has zeta = 0.4/1.4, so the largest factor is e^(XPOS_LOG_DECAY * (max_seq_len - c) / B). fp32 ends at
 # e^88.7: XPOS_MAX_LOG_SCALE leaves e^8 of headroom for the magnitude of q and k themselves.
@@ -27,60 +28,57 @@ XPOS_MAX_LOG_SCALE = 80.0
 
 @dataclass
 class ModelConfig:
-    """Architecture of a decoder-only FLM model.
-
-    Args:
-        vocab_size: tokenizer vocabulary size; the embedding is padded up to `pad_vocab_multiple`.
-        n_layers: number of transformer blocks.
-        n_heads: attention heads.
-        hidden_size: model width d.
-        head_dim: per-head width; default hidden_size // n_heads. Set it explicitly to let
-            n_heads * head_dim differ from hidden_size (e.g. after head growth).
-        ffn_hidden_size: MLP inner width; default 4d (gelu) or 8/3 d rounded up to 64 (swiglu).
-        norm: "layernorm" or "rmsnorm".
-        norm_eps: epsilon of the norms.
-        activation: "gelu" (tanh approximation, 2 matrices) or "swiglu" (3 matrices).
-        bias: biases in linear layers (and LayerNorm shift).
-        position: "rope" or "xpos" (rotary with per-pair decay).
-        rope_theta: rotary base.
-        xpos_scale_base: xPos scale base B.
-        tie_embeddings: share the embedding matrix with the output head.
-        input_mult: multiplier on the embedding output.
-        output_mult: multiplier on the logits (divided by width_mult, as in μP).
-        base_hidden_size: μP base width; width_mult = hidden_size / base_hidden_size (default 1).
-        max_seq_len: longest sequence the position tables cover (positions 0 .. max_seq_len - 1). With xPos
-            it must keep the scales inside fp32: (max_seq_len - max_seq_len // 2) * ln(3.5) / xpos_scale_base
-            <= 80, i.e. at most about 127 * xpos_scale_base positions (ConfigError otherwise).
-        dropout: dropout on attention probabilities and residual branches.
-        init_std: std of the normal initialisation (output projections also / sqrt(2 n_layers)).
-        pad_vocab_multiple: pad the embedding rows to a multiple of this (64/128 for fast kernels).
-        attention_backend: the attention kernel: "sdpa" (default), "math" (reference), "flash"
-            (flash-attn), "te" (Transformer Engine) or "auto" (flash when it can run, else sdpa).
-            It does not change the function, so it is not a function field.
-    """
+    """Architecture of a decoder-only FLM model (each field's docstring below says what it sets)."""
 
     vocab_size: int = 2048
+    """Tokenizer vocabulary size; the embedding is padded up to `pad_vocab_multiple`."""
     n_layers: int = 4
+    """Number of transformer blocks."""
     n_heads: int = 4
+    """Attention heads."""
     hidden_size: int = 256
+    """Model width d."""
     head_dim: Optional[int] = None
+    """Per-head width; default hidden_size // n_heads. Set it explicitly to let n_heads * head_dim differ
+    from hidden_size (e.g. after head growth)."""
     ffn_hidden_size: Optional[int] = None
-    norm: str = "rmsnorm"
+    """MLP inner width; default 4d (gelu) or 8/3 d rounded up to 64 (swiglu)."""
+    norm: Norm = "rmsnorm"
+    """LayerNorm (FLM-101B) or RMSNorm (Tele-FLM)."""
     norm_eps: float = 1e-6
-    activation: str = "swiglu"
+    """Epsilon of the norms."""
+    activation: Activation = "swiglu"
+    """"gelu" (tanh approximation, 2 matrices) or "swiglu" (3 matrices)."""
     bias: bool = False
-    position: str = "rope"
+    """Biases in linear layers (and LayerNorm shift)."""
+    position: Position = "rope"
+    """"rope" or "xpos" (rotary with per-pair decay)."""
     rope_theta: float = 10000.0
+    """Rotary base."""
     xpos_scale_base: float = 512.0
+    """xPos scale base B."""
     tie_embeddings: bool = False
+    """Share the embedding matrix with the output head."""
     input_mult: float = 1.0
+    """Multiplier on the embedding output."""
     output_mult: float = 1.0
+    """Multiplier on the logits, divided by width_mult as in μP (`logit_scale`)."""
     base_hidden_size: Optional[int] = None
+    """μP base width, the run's one: width_mult = hidden_size / base_hidden_size (default 1)."""
     max_seq_len: int = 2048
+    """Longest sequence the position tables cover (positions 0 .. max_seq_len - 1). With xPos it must keep
+    the scales inside fp32: (max_seq_len - max_seq_len // 2) * ln(3.5) / xpos_scale_base <= 80, i.e. at
+    most about 127 * xpos_scale_base positions (ConfigError otherwise)."""
     dropout: float = 0.0
+    """Dropout on attention probabilities and residual branches."""
     init_std: float = 0.02
+    """Std of the normal initialisation (output projections also / sqrt(2 n_layers))."""
     pad_vocab_multiple: int = 64
-    attention_backend: str = "sdpa"
+    """Pad the embedding rows to a multiple of this (64/128 for fast kernels)."""
+    attention_backend: AttentionBackend = "sdpa"
+    """The attention kernel: "sdpa" (default), "math" (reference), "flash" (flash-attn), "te" (Transformer
+    Engine) or "auto" (flash when it can run, else sdpa). It does not change the function, so it is not a
+    function field."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -96,10 +94,6 @@ class ModelConfig:
             raise ConfigError(f"model.arch.dropout must be in [0, 1), got {self.dropout}")
         if self.init_std < 0:
             raise ConfigError(f"model.arch.init_std must be >= 0, got {self.init_std}")
-        _require_choice("norm", self.norm, NORMS)
-        _require_choice("activation", self.activation, ACTIVATIONS)
-        _require_choice("position", self.position, POSITIONS)
-        _require_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.head_dim is None and self.hidden_size % self.n_heads:
             raise ConfigError(
                 f"model.arch.hidden_size ({self.hidden_size}) is not divisible by model.arch.n_heads "
@@ -191,6 +185,9 @@ def _check_types(config: ModelConfig) -> None:
         base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
         if value is None and optional:
             continue
+        if typing.get_origin(base) is Literal:  # a choice: one of the Literal's values
+            _require_choice(f.name, value, get_args(base))
+            continue
         if base is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, f.name, float(value))
         elif not isinstance(value, base) or (base is int and isinstance(value, bool)):
@@ -208,7 +205,7 @@ def _require_positive(name: str, value: Any) -> None:
         raise ConfigError(f"model.arch.{name} must be a positive integer, got {value!r}")
 
 
-def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"model.arch.{name} must be one of {list(choices)}, got {value!r}")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
 from torch import nn
@@ -31,7 +31,8 @@ from flm_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_MODES = ("none", "full", "selective")
+CheckpointMode = Literal["none", "full", "selective"]
+CHECKPOINT_MODES = get_args(CheckpointMode)
 # torch.compile backend of `model.compile: true`. "inductor" unless this environment variable names
 # another (e.g. "aot_eager" to bisect a compile problem, or for a fast CPU smoke run without a C++ build).
 COMPILE_BACKEND_VARIABLE = "FLM_COMPILE_BACKEND"
