@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from flm_lightning.errors import ConfigError
 from flm_lightning.growth import check_growth
+from flm_lightning.growth.operators import DepthInit
 from flm_lightning.growth.state import GrowthSpec
 from flm_lightning.model import ModelConfig, count_model
 from flm_lightning.protocols import TrainedModule
@@ -46,7 +47,7 @@ class GrowthStage(GrowthSpec):
     """Optimizer step at which to grow."""
     at_tokens: Optional[float] = None
     """Or the number of training tokens after which to grow."""
-    depth_init: Literal["copy", "random"] = "random"
+    depth_init: DepthInit = "random"
     """New layers are "random" (fresh, at the init of the grown model: the default for a stage) or "copy" of
     existing ones. A copied layer applies its trained source's branch a second time once its mask reaches 1,
     so the function drifts over the ramp and the validation loss rises (measured in docs/growth.md); a fresh

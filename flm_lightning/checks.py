@@ -1,9 +1,10 @@
-"""Checks of a run's settings made in `setup`, before any state exists: the trainer settings the step
-relies on and the data's vocabulary against the model's."""
+"""Checks of a run's settings made before any state exists: the trainer settings the step relies on, the
+LR schedule's length and the data's vocabulary against the model's."""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Optional
 
 import lightning as L
 
@@ -31,6 +32,20 @@ def check_step_settings(trainer: L.Trainer) -> None:
         )
     if trainer.gradient_clip_algorithm not in (None, "norm"):
         raise ConfigError(f"trainer.gradient_clip_algorithm must be 'norm', got {trainer.gradient_clip_algorithm!r}")
+
+
+def schedule_length(trainer: L.Trainer, decay_steps: Optional[int] = None) -> int:
+    """The LR schedule's length in optimizer steps: model.optim.decay_steps, else the trainer's.
+
+    Raises:
+        ConfigError: neither is set (the trainer's steps are unbounded).
+    """
+    if decay_steps:
+        return decay_steps
+    steps = trainer.estimated_stepping_batches
+    if not math.isfinite(steps):
+        raise ConfigError("set trainer.max_steps (or model.optim.decay_steps): the LR schedule needs a length")
+    return int(steps)
 
 
 def check_vocabulary(arch: ModelConfig, datamodule: Any) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -82,6 +82,15 @@ def logging_step(trainer: L.Trainer, steps_done: int) -> bool:
     """
     n = trainer.log_every_n_steps
     return n > 0 and steps_done % n == 0
+
+
+def write_step_metrics(loggers: list[Any], trainer: L.Trainer, step: int, metrics: Callable[[], dict]) -> None:
+    """Write one optimizer step's values, and only them (`metrics()`, computed only then), on logging steps,
+    at Lightning's step index `step` (the step's index before it ran)."""
+    if loggers and logging_step(trainer, step + 1):
+        values = metrics()
+        for logger in loggers:
+            logger.log_metrics(values, step=step)
 
 
 def log_model_size(logger: Any, arch: Any, step: int) -> None:

@@ -10,7 +10,6 @@ all its micro-batches, normalised by the step's trained tokens, one gradient nor
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 from typing import Any, Optional
 
@@ -19,11 +18,10 @@ import torch
 
 from flm_lightning.build import build, install, make_optimizer
 from flm_lightning.checkpoint import restore_rng_state, rng_state
-from flm_lightning.checks import check_step_settings, check_vocabulary
-from flm_lightning.engine import StepEngine, StepStats
-from flm_lightning.errors import ConfigError
-from flm_lightning.growth.state import GrownNetwork, GrowthSpec, GrowthState, grow_host
-from flm_lightning.loggers import log_model_size, logging_step
+from flm_lightning.checks import check_step_settings, check_vocabulary, schedule_length
+from flm_lightning.engine import StepEngine
+from flm_lightning.growth.state import GrownNetwork, GrowthSpec, GrowthState, checkpoint_arch, grow_host
+from flm_lightning.loggers import log_model_size, logging_step, write_step_metrics
 from flm_lightning.model import FLMTransformer, ModelConfig, count_model
 from flm_lightning.model.config import coerce_config
 from flm_lightning.mup import MuP, MuPConfig, with_base_width
@@ -71,16 +69,10 @@ class FLMLightningModule(L.LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.compile_blocks = compile
         # Plain containers only, so checkpoints load with weights_only=True.
-        self.save_hyperparameters(
-            {
-                "arch": self.arch.to_dict(),
-                "optim": self.optim_cfg.to_dict(),
-                "init_from": init_from,
-                "mup": asdict(self.mup_cfg) if self.mup_cfg is not None else None,
-                "activation_checkpointing": activation_checkpointing,
-                "compile": compile,
-            }
-        )
+        self.save_hyperparameters({
+            "arch": self.arch.to_dict(), "optim": self.optim_cfg.to_dict(), "init_from": init_from,
+            "mup": asdict(self.mup_cfg) if self.mup_cfg is not None else None,
+            "activation_checkpointing": activation_checkpointing, "compile": compile})
         self.model: Optional[FLMTransformer] = None
         self.engine: Optional[StepEngine] = None  # the step for this rank's model and layout
         self.flops_per_batch: Optional[int] = None  # model FLOPs of one optimizer step's batch on this rank
@@ -133,11 +125,7 @@ class FLMLightningModule(L.LightningModule):
     def _install_args(self) -> dict[str, Any]:
         trainer = self.trainer_or_none()
         micro_batches = int(getattr(getattr(trainer, "datamodule", None), "micro_batches", 1))
-        return {
-            "strategy": getattr(trainer, "strategy", None),
-            "compute": self._apply_compute,
-            "micro_batches": micro_batches,
-        }
+        return dict(strategy=getattr(trainer, "strategy", None), compute=self._apply_compute, micro_batches=micro_batches)
 
     def _apply_compute(self, model: FLMTransformer) -> None:
         """Activation checkpointing, then compile (torchtitan's order); also after growth rebuilds."""
@@ -162,15 +150,8 @@ class FLMLightningModule(L.LightningModule):
         optimizer.step()  # runs on_before_optimizer_step: the guard, then the norm and clipping
         scheduler.step()
         self.log("train/loss", stats.loss, prog_bar=True, logger=False)
-        self._log_step(stats, step)
+        write_step_metrics(self.loggers, self.trainer, step, lambda: stats.train_metrics(self.engine.grad_norm_of_step))
         return stats.loss
-
-    def _log_step(self, stats: StepStats, step: int) -> None:
-        """Write this optimizer step's values, and only them, on logging steps (at Lightning's step index)."""
-        if self.loggers and logging_step(self.trainer, step + 1):
-            metrics = stats.train_metrics(self.engine.grad_norm_of_step)
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=step)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self.val_metrics.update(self.engine.eval_step(batch), dataloader_idx)
@@ -206,19 +187,11 @@ class FLMLightningModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.build_optimizer()
-        total = self.optim_cfg.decay_steps or self._total_steps()
-        scheduler = build_scheduler(
-            optimizer, self.optim_cfg, total, self.growth.lr_events, start_step=self.global_step
-        )
+        total = schedule_length(self.trainer, self.optim_cfg.decay_steps)
+        scheduler = build_scheduler(optimizer, self.optim_cfg, total, self.growth.lr_events, start_step=self.global_step)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _total_steps(self) -> int:
-        steps = self.trainer.estimated_stepping_batches
-        if not math.isfinite(steps):
-            raise ConfigError("set trainer.max_steps (or model.optim.decay_steps): the LR schedule needs a length")
-        return int(steps)
-
-    # ---- growth (decided by GrowthCallback, kept in self.growth) ------------------------------
+    # ---- a new network (grown by flm_lightning.growth, or a grown checkpoint's) ----------------------
     def apply_growth(self, target: ModelConfig, spec: Optional[GrowthSpec] = None, **options: Any) -> GrownNetwork:
         """Grow to `target` now (`flm_lightning.growth.state.grow_host`); `options`: `GrowthSpec` fields."""
         return grow_host(self, target, spec if spec is not None else GrowthSpec(**options))
@@ -233,44 +206,27 @@ class FLMLightningModule(L.LightningModule):
             trainer.strategy.setup_optimizers(trainer)  # configure_optimizers for the new network
             load_full_optimizer_state(self.model, trainer.optimizers[0], optimizer_state)
 
-    @property
-    def lr_events(self) -> list[dict]:
-        """The LR events of growth (`self.growth.lr_events`)."""
-        return self.growth.lr_events
-
-    @property
-    def growth_ramp(self) -> Optional[dict]:
-        """The mask ramp in progress (`self.growth.ramp`)."""
-        return self.growth.ramp
-
-    @property
-    def _masks(self):  # the masks of the ramp in progress (`self.growth.masks`)
-        return self.growth.masks
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self.growth.advance(self.global_step)
-
-    # ---- checkpoints ----------------------------------------------------------------------------
     def prepare_checkpoint_shape(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild the network at a grown checkpoint's architecture before its weights load (with a fresh
-        optimizer to receive its state when one exists). Called by FLMParallelStrategy before loading a
-        sharded checkpoint and by `on_load_checkpoint`.
-
-        Raises:
-            ConfigError: the checkpoint's architecture differs from the config's and it did not grow.
-        """
-        saved = ModelConfig.from_dict(checkpoint["hyper_parameters"]["arch"])
-        if saved.function_fields() == self.arch.function_fields():
-            return
+        """Rebuild the network at a grown checkpoint's architecture before its weights load, with a fresh
+        optimizer for its state (`flm_lightning.growth.state.checkpoint_arch` decides). Called by
+        FLMParallelStrategy before loading a sharded checkpoint and by `on_load_checkpoint`."""
         trainer = self.trainer_or_none()
-        if not (checkpoint.get("flm_growth") or {}).get("history"):
-            where = trainer.ckpt_path if trainer is not None else "checkpoint"
-            raise ConfigError(f"{where}: model.arch differs from the config's: {saved.differences(self.arch)}")
+        arch = checkpoint_arch(checkpoint, self.arch, trainer.ckpt_path if trainer is not None else "checkpoint")
+        if arch is None:
+            return
         with trainer.strategy.tensor_init_context() if trainer is not None else torch.device("cpu"):
-            self._build(saved)
+            self._build(arch)
         if trainer is not None and trainer.optimizers:
             trainer.strategy.setup_optimizers(trainer)
 
+    lr_events = property(lambda self: self.growth.lr_events, doc="The LR events of growth (`growth.lr_events`).")
+    growth_ramp = property(lambda self: self.growth.ramp, doc="The mask ramp in progress (`growth.ramp`).")
+    _masks = property(lambda self: self.growth.masks, doc="The masks of the ramp in progress (`growth.masks`).")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.growth.advance(self.global_step)  # the masks' value for this step
+
+    # ---- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The current (possibly grown) architecture: exports and tools read it from here.
         checkpoint["hyper_parameters"]["arch"] = self.arch.to_dict()

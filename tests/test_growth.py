@@ -309,3 +309,22 @@ def test_new_layers_change_the_function_little_at_the_end_of_the_ramp():
     # measured: copy +0.025 nats, random -8e-6
     assert drift["copy"] > 0.015 and abs(drift["random"]) < 1e-4, drift
     assert GrowthCallback(stages=[{"arch": {"n_layers": 4}, "at_step": 1}]).stages[0].depth_init == "random"
+
+
+def test_growth_choices_come_from_the_operators():
+    """The depth choices are declared once, by the operators: GrowthSpec (so GrowthCallback stages) and the
+    grow tool's options read them, so a new operator is added in flm_lightning/growth/operators.py alone."""
+    import argparse
+    import typing
+
+    from flm_lightning.callbacks import GrowthStage
+    from flm_lightning.growth.operators import DEPTH_INITS, DEPTH_MODES, DepthInit, DepthMode
+    from flm_lightning.growth.state import GrowthSpec
+    from flm_lightning.tools import grow as grow_tool
+
+    spec_hints, stage_hints = typing.get_type_hints(GrowthSpec), typing.get_type_hints(GrowthStage)
+    assert spec_hints["depth_mode"] == DepthMode and spec_hints["depth_init"] == stage_hints["depth_init"] == DepthInit
+    parser = argparse.ArgumentParser()
+    grow_tool.add_arguments(parser)
+    choices = {a.dest: a.choices for a in parser._actions}
+    assert tuple(choices["depth_mode"]) == DEPTH_MODES and tuple(choices["depth_init"]) == DEPTH_INITS

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Literal, Optional, Union, get_args
 
 import torch
 from torch import nn
@@ -28,7 +28,13 @@ from flm_lightning.errors import ConfigError
 from flm_lightning.model import FLMTransformer, ModelConfig
 
 LayerSource = Union[int, str]  # an old layer kept here (int), "copy:K" (new copy of old K) or "random"
-DEPTH_MODES = ("stack", "interleave")
+# The choices of the operators, read by GrowthSpec (and so by GrowthCallback stages and the grow tool's
+# options): a new operator is added here (and in its test) only.
+DepthMode = Literal["stack", "interleave"]
+"""Where new layers go: on top ("stack") or right after their source layer ("interleave")."""
+DepthInit = Literal["copy", "random"]
+"""New layers are copies of existing ones ("copy") or freshly initialised ("random")."""
+DEPTH_MODES, DEPTH_INITS = get_args(DepthMode), get_args(DepthInit)
 GROWABLE = ("n_layers", "n_heads", "hidden_size", "ffn_hidden_size")
 
 
@@ -59,7 +65,7 @@ def check_growth(old: ModelConfig, new: ModelConfig) -> None:
         raise ConfigError("the growth target equals the current model: nothing grows")
 
 
-def layer_order(n_old: int, n_new: int, mode: str = "stack", init: str = "copy",
+def layer_order(n_old: int, n_new: int, mode: DepthMode = "stack", init: DepthInit = "copy",
                 order: Optional[list[LayerSource]] = None) -> list[LayerSource]:
     """Where each layer of the grown model comes from.
 
@@ -84,8 +90,8 @@ def layer_order(n_old: int, n_new: int, mode: str = "stack", init: str = "copy",
         raise ConfigError(f"depth mode must be one of {list(DEPTH_MODES)}, got {mode!r}")
     if init == "random":
         sources = [s if isinstance(s, int) else "random" for s in sources]
-    elif init != "copy":
-        raise ConfigError(f"depth init must be 'copy' or 'random', got {init!r}")
+    elif init not in DEPTH_INITS:
+        raise ConfigError(f"depth init must be one of {list(DEPTH_INITS)}, got {init!r}")
     kept = [s for s in sources if isinstance(s, int)]
     if len(sources) != n_new:
         raise ConfigError(f"layer order has {len(sources)} entries for n_layers {n_new}")
@@ -290,7 +296,7 @@ def rescale_head_for_width(grown: FLMTransformer, old: ModelConfig, new: ModelCo
             grown.output.weight.mul_(old.logit_scale / new.logit_scale)
 
 
-def grow(model: FLMTransformer, new_config: ModelConfig, mode: str = "stack", init: str = "copy",
+def grow(model: FLMTransformer, new_config: ModelConfig, mode: DepthMode = "stack", init: DepthInit = "copy",
          order: Optional[list[LayerSource]] = None, seed: int = 0, initialize=None):
     """One growth event: (grown model, parameter origins, layer sources, mask plan). Masks not yet installed."""
     old = model.config

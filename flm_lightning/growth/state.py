@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 from flm_lightning.errors import ConfigError
-from flm_lightning.growth.operators import GrowthMasks, MaskPlan, grow, layer_order, mask_value
+from flm_lightning.growth.operators import DepthInit, DepthMode, GrowthMasks, MaskPlan, grow, layer_order, mask_value
 from flm_lightning.growth.optimizer import transfer_adam_state
 from flm_lightning.model import FLMTransformer, ModelConfig
 from flm_lightning.optim import LRPolicy
@@ -33,9 +33,9 @@ class GrowthSpec:
 
     ramp_steps: int = 100
     """Optimizer steps over which the masks rise from 0 to 1 before they are folded away (0: at once)."""
-    depth_mode: Literal["stack", "interleave"] = "stack"
+    depth_mode: DepthMode = "stack"
     """Where new layers go: on top ("stack") or right after their source layer ("interleave")."""
-    depth_init: Literal["copy", "random"] = "copy"
+    depth_init: DepthInit = "copy"
     """New layers are copies of existing ones ("copy") or freshly initialised ("random")."""
     layer_order: Optional[list[Union[int, str]]] = None
     """An explicit layer order instead of depth_mode / depth_init, e.g. [0, 1, "copy:1", 2, 3, "random"]."""
@@ -190,6 +190,21 @@ class GrowthState:
         self.history = list(state.get("history", []))
         self.ramp = state.get("ramp")
         self.mask_value = state.get("mask_value") if self.ramp is not None else None
+
+
+def checkpoint_arch(checkpoint: dict[str, Any], current: ModelConfig, where: str) -> Optional[ModelConfig]:
+    """The architecture of a checkpoint's network when the run grew away from `current` (the config's), so
+    the network must be rebuilt at it before the weights load; None when they compute the same function.
+
+    Raises:
+        ConfigError: the architectures differ and the checkpoint did not grow (`where` names it).
+    """
+    saved = ModelConfig.from_dict(checkpoint["hyper_parameters"]["arch"])
+    if saved.function_fields() == current.function_fields():
+        return None
+    if not (checkpoint.get("flm_growth") or {}).get("history"):
+        raise ConfigError(f"{where}: model.arch differs from the config's: {saved.differences(current)}")
+    return saved
 
 
 class GrowthHost(Protocol):
