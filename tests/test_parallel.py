@@ -218,16 +218,17 @@ def test_tied_embedding_resumes_from_pipeline_to_one_process(config, reference, 
 ])
 def test_published_layouts_fit_their_models(preset, overlay):
     """The ready layout overlays pass the strategy's checks for their preset (no process started)."""
-    from flm_lightning.tools.configs import load_yaml, model_config_from_yaml
+    from flm_lightning.cli import load_config
 
-    arch, seq_len = model_config_from_yaml(preset)
-    trainer = load_yaml(overlay)["trainer"]
+    config = load_config([preset, overlay])  # as `main.py fit -c PRESET -c OVERLAY` reads them
+    trainer = config.values["trainer"]
     strategy = trainer["strategy"]["init_args"]
-    dims = ParallelDims.infer(trainer["devices"] * trainer.get("num_nodes", 1), tp=strategy["tensor_parallel_size"],
+    dims = ParallelDims.infer(trainer["devices"] * trainer["num_nodes"], tp=strategy["tensor_parallel_size"],
                               pp=strategy["pipeline_parallel_size"])
-    data = load_yaml(overlay)["data"]["init_args"]
+    data = config.values["data"]["init_args"]
     micro_batches = micro_batches_per_step(data["global_batch_size"], data["batch_size"], dims.dp)
-    check_layout(dims, arch, seq_len=seq_len, micro_batches=micro_batches, schedule=strategy["schedule"])
+    check_layout(dims, config.arch, seq_len=config.seq_len, micro_batches=micro_batches, schedule=strategy["schedule"],
+                 stages_per_rank=strategy["stages_per_rank"], layout=strategy["layout"])
     expected = {"conf/flm_101b.yaml": (4, 12, 4), "conf/tele_flm_52b.yaml": (2, 112, 4), "conf/tele_flm_1t.yaml": (28, 1, 32)}
     assert dims.shape == expected.get(preset, (2, 2, 2))
 

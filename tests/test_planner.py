@@ -7,7 +7,7 @@ import pytest
 
 from flm_lightning.errors import ConfigError
 from flm_lightning.planner import Hardware, Layout, Workload, check_layout, memory_per_gpu, plan_run, rank_layouts
-from flm_lightning.tools.configs import model_config_from_yaml
+from flm_lightning.cli import load_config
 from flm_lightning.tools.plan import load_schedule, parse_count, plan_schedule
 
 FLM_PUBLISHED_DAYS = {"16B": 9.63, "51B": 5.37, "101B": 6.54}
@@ -32,7 +32,7 @@ def test_flm_101b_growth_saves_about_72_percent(flm_schedule):
 
 @pytest.fixture(scope="module")
 def flm101b():
-    return model_config_from_yaml("conf/flm_101b.yaml")[0]
+    return load_config(["conf/flm_101b.yaml"]).arch
 
 
 def test_published_layouts_fit(flm101b):
@@ -44,7 +44,7 @@ def test_published_layouts_fit(flm101b):
         (flm101b, Layout(tp=4, pp=4, dp=12)),
     ]:
         assert plan_run(arch, layout, wl, hw).fits, layout
-    tele = model_config_from_yaml("conf/tele_flm_52b.yaml")[0]
+    tele = load_config(["conf/tele_flm_52b.yaml"]).arch
     assert plan_run(tele, Layout(tp=4, pp=2, dp=112), Workload(global_batch=1344, seq_len=4096), hw).fits
 
 
