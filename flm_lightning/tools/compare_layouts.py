@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 import lightning as L
 
 from flm_lightning.errors import ConfigError
-from flm_lightning.parallel.dims import ParallelDims
+from flm_lightning.parallel.dims import SCHEDULES, ParallelDims, check_layout, micro_batches_per_step
 from flm_lightning.parallel.launch import run_forked
 from flm_lightning.tools.configs import add_config_arguments
 
@@ -81,6 +81,16 @@ def layout_overrides(dims: Optional[ParallelDims], global_batch: int, steps: int
     ]
 
 
+def check_config_layout(values: dict, arch, seq_len: Optional[int], dims: ParallelDims) -> None:
+    """The strategy's own check (`check_layout`, its messages) of `dims` for a config as main.py reads it
+    (`flm_lightning.cli.load_config(...).values`), before any process starts."""
+    strategy = values["trainer"]["strategy"]["init_args"]
+    data = values["data"]["init_args"]
+    micro_batches = micro_batches_per_step(data.get("global_batch_size"), data["batch_size"], dims.dp)
+    check_layout(dims, arch, seq_len=seq_len, micro_batches=micro_batches, schedule=strategy["schedule"],
+                 stages_per_rank=strategy["stages_per_rank"], layout=strategy["layout"])
+
+
 def train_layout(config: Configs, overrides: list[str], out: Optional[str], ckpt_path: Optional[str] = None,
                  save_to: Optional[str] = None) -> dict[str, list[float]]:
     """Fit `config` with `overrides` in this process (one rank); rank 0 writes the losses to `out`."""
@@ -110,7 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layouts", default="1x1x1,1x2x1,1x1x2,2x1x1", help="comma-separated PPxDPxTP layouts")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--global-batch", type=int, default=8, help="samples per step over all dp ranks")
-    parser.add_argument("--schedule", default="1f1b", help="pipeline schedule: gpipe, 1f1b, interleaved1f1b")
+    parser.add_argument("--schedule", default="1f1b", choices=SCHEDULES,
+                        help="the strategy's pipeline schedule (interleaved1f1b: 2 stages per rank)")
     parser.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step and rank when pp > 1")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--json", help="also write {layout: losses} here")
@@ -124,8 +135,12 @@ def run(args: argparse.Namespace) -> None:
     overrides = [config_override(item) for item in [*args.set, *args.overrides]]
     extras = {text: layout_overrides(dims, args.global_batch, args.steps, args.schedule, args.micro_batches,
                                      args.accelerator) + overrides for text, dims in layouts}
-    for text, _ in layouts:  # a bad config is one error line here, not one per forked rank
-        load_config(args.config, extras[text])
+    for text, dims in layouts:  # a bad config or layout is one error line here, not one per forked rank
+        config = load_config(args.config, extras[text])
+        try:
+            check_config_layout(config.values, config.arch, config.seq_len, dims)
+        except ConfigError as e:
+            raise ConfigError(f"layout {text}: {e}") from None
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="flm-layouts-") as workdir:
         for text, dims in layouts:

@@ -16,10 +16,10 @@ from typing import Any
 
 from flm_lightning.errors import ConfigError
 from flm_lightning.model import ModelConfig, count_model
+from flm_lightning.parallel.dims import SCHEDULES
 from flm_lightning.planner import (
     GIB,
     RECOMPUTE,
-    SCHEDULES,
     SHARDING,
     Hardware,
     Layout,
@@ -63,8 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--microbatch", type=int, help="sequences per micro-batch")
     parser.add_argument("--recompute", choices=RECOMPUTE)
     parser.add_argument("--sharding", choices=SHARDING, default="distributed-optimizer")
-    parser.add_argument("--pp-schedule", choices=SCHEDULES, default="1f1b")
-    parser.add_argument("--virtual-stages", type=int, default=1)
+    parser.add_argument("--pp-schedule", choices=SCHEDULES, default="1f1b",
+                        help="the strategy's schedule (trainer.strategy.init_args.schedule)")
+    parser.add_argument("--stages-per-rank", type=int, default=1,
+                        help="pipeline stages per rank, >= 2 for interleaved1f1b (trainer.strategy.init_args."
+                             "stages_per_rank)")
     parser.add_argument("--global-batch", type=int, default=1024, help="sequences per optimizer step (default 1024)")
     parser.add_argument("--seq-len", type=int, help="default: the config's data.seq_len or max_seq_len")
     parser.add_argument("--tokens", default="0", help="training tokens, e.g. 2T or 26.54e9")
@@ -95,12 +98,12 @@ def run(args: argparse.Namespace) -> None:
     workload = Workload(args.global_batch, seq_len, parse_count(args.tokens, "--tokens"), args.precision, not args.no_flash)
     fixed = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp), ("micro_batch", args.microbatch),
                                ("recompute", args.recompute)) if v is not None}
-    fixed.update(sharding=args.sharding, schedule=args.pp_schedule, virtual_stages=args.virtual_stages)
+    fixed.update(sharding=args.sharding, schedule=args.pp_schedule, stages_per_rank=args.stages_per_rank)
     size = count_model(arch, seq_len)
     if args.tp and args.pp:
         dp = args.dp or args.gpus // (args.tp * args.pp)
         layout = Layout(args.tp, args.pp, dp, args.microbatch or 1, args.recompute or "none", args.sharding,
-                        args.pp_schedule, args.virtual_stages)
+                        args.pp_schedule, args.stages_per_rank)
         if layout.gpus != args.gpus:
             raise ConfigError(f"tp x pp x dp = {layout.gpus} does not equal --gpus {args.gpus}")
         plan = plan_run(arch, layout, workload, hardware, size)
