@@ -1,4 +1,4 @@
-"""Published parameter counts of the presets (DESIGN.md section 2), counted on the meta device."""
+"""Published parameter counts of the presets (docs/design.md, "The published counts"), counted on the meta device."""
 
 import json
 import subprocess
