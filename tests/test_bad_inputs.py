@@ -149,6 +149,8 @@ CATALOGUE = [
     ("predict-loss: no runs in the folder", tool("predict-loss", "--runs", "{root}/text", "--target-params", "1e6", "--out", "{root}/pl"), "holds no TensorBoard event files"),
     ("plan: tp not dividing heads", tool("plan", "-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "3", "--pp", "1"),
      "trainer.strategy.tensor_parallel_size=3 does not divide model.arch.n_heads (80)"),
+    ("info: unknown key in --set", tool("info", "-c", "conf/tiny.yaml", "-c", "{root}/small.yaml", "--set",
+                                        "model.arch.n_layer=6"), "unknown key model.arch.n_layer (did you mean n_layers?)"),
 ]
 
 
