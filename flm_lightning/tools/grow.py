@@ -2,7 +2,8 @@
 
 The way FLM-101B grew 16B -> 51B -> 101B: checkpoint surgery between two runs. The output is a
 full training checkpoint (weights, AdamW state, LR schedule, step, masks) that
-`python main.py fit -c TARGET.yaml --ckpt_path OUT` resumes; the masks ramp from 0 to 1 over
+`python main.py fit -c TARGET.yaml --ckpt_path OUT` resumes (TARGET: one or more `--config` files and
+`--set` overrides, read as main.py reads them); the masks ramp from 0 to 1 over
 --ramp-steps steps of that run, so the first loss equals the last loss before growing.
 """
 
@@ -15,16 +16,17 @@ import torch
 
 from flm_lightning.checkpoint import MODEL_PREFIX, arch_from_checkpoint, load_checkpoint, model_weights
 from flm_lightning.checkpoint import write_atomic
+from flm_lightning.cli import config_override, load_config
 from flm_lightning.errors import ConfigError
 from flm_lightning.growth import transfer_adam_state
 from flm_lightning.module import FLMLightningModule
 from flm_lightning.optim import LR_POLICIES, OptimConfig
-from flm_lightning.tools.configs import model_config_from_yaml
+from flm_lightning.tools.configs import add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="a training checkpoint of the current stage")
-    parser.add_argument("--config", required=True, help="the next stage's config (its model.arch is the target)")
+    add_config_arguments(parser, help="the next stage's config (its model.arch is the target)")
     parser.add_argument("--out", required=True, help="checkpoint to write")
     parser.add_argument("--ramp-steps", type=int, default=100)
     parser.add_argument("--depth-mode", choices=("stack", "interleave"), default="stack")
@@ -40,9 +42,9 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise ConfigError(f"--out {out} exists; choose another path or pass --force")
+    target = load_config(args.config, args.set).arch
     ckpt = load_checkpoint(args.ckpt)
     arch = arch_from_checkpoint(ckpt, args.ckpt)
-    target, _ = model_config_from_yaml(args.config)
     optim_cfg = OptimConfig(**(ckpt["hyper_parameters"].get("optim") or {}))
     module = FLMLightningModule(arch=arch, optim=optim_cfg, mup=ckpt["hyper_parameters"].get("mup"))
     module.configure_model()
@@ -65,6 +67,7 @@ def run(args: argparse.Namespace) -> None:
     module.on_save_checkpoint(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, lambda f: torch.save(ckpt, f))
+    config = " ".join([*(f"-c {c}" for c in args.config), *(config_override(s) for s in args.set)])
     print(f"grew {sum(p.numel() for p in old_model.parameters()):,} -> {sum(p.numel() for p in module.model.parameters()):,} "
-          f"parameters at step {step}; continue with: python main.py fit -c {args.config} --ckpt_path {out}")
+          f"parameters at step {step}; continue with: python main.py fit {config} --ckpt_path {out}")
 
