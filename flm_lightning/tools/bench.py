@@ -33,7 +33,6 @@ import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import yaml
 
 from flm_lightning.errors import ConfigError
 from flm_lightning.model import count_model
@@ -66,15 +65,6 @@ def run(args: argparse.Namespace) -> None:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
-
-
-def _override(item: str) -> tuple[list[str], Any]:
-    """`KEY=VALUE` -> (the dotted key's parts, the YAML value). Not bench's own path any more (its configs go
-    through `flm_lightning.cli.load_config`): kept for benchmarks/litgpt_peer.py's `resolve_config`."""
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-    return key.split("."), yaml.safe_load(value)
 
 
 def benchmark(configs: Sequence[str], steps: int, warmup: int, repeats: int, peak_tflops: Optional[float] = None,
