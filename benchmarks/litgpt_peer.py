@@ -47,7 +47,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
@@ -182,16 +182,11 @@ def litgpt_log_throughput(iters: Sequence[dict], warmup: int, steps: int, tokens
 
 # ---- configuration -----------------------------------------------------------------------------
 def resolve_config(config: str, sets: Sequence[str]) -> dict:
-    from flm_lightning.tools.bench import _override
-    from flm_lightning.tools.configs import load_yaml
+    """The config `main.py fit -c CONFIG --KEY=VALUE ...` would run (every default filled in), read by main.py's
+    own parser."""
+    from flm_lightning.cli import load_config
 
-    values = load_yaml(config)
-    for keys, value in (_override(item) for item in sets):
-        section = values
-        for key in keys[:-1]:
-            section = section.setdefault(key, {})
-        section[keys[-1]] = value
-    return values
+    return load_config([config], sets).values
 
 
 def shape_of(values: dict) -> SimpleNamespace:
@@ -215,11 +210,11 @@ def shape_of(values: dict) -> SimpleNamespace:
         raise PeerError("model.optim: LitGPT pretrain decays by cosine over the whole run "
                         "(decay: cosine, no decay_steps)")
     clip = trainer.get("gradient_clip_val")
-    if not clip or trainer.get("gradient_clip_algorithm", "norm") != "norm":
+    if not clip or (trainer.get("gradient_clip_algorithm") or "norm") != "norm":
         raise PeerError("trainer.gradient_clip_val: LitGPT pretrain requires clipping by norm (max_norm)")
     return SimpleNamespace(arch=arch, optim=optim, seq_len=seq, batch_size=batch, clip=float(clip),
                            seed=int(values.get("seed_everything") or 0),
-                           log_every=int(trainer.get("log_every_n_steps", 50)))
+                           log_every=int(trainer.get("log_every_n_steps") or 50))
 
 
 def ours_run_config(values: dict, precision: str, total_steps: int, compile_: bool, run_dir: Path,

@@ -22,7 +22,7 @@ import torch
 from flm_lightning.data import TextDataModule
 from flm_lightning.mup import MuPConfig
 from flm_lightning.mup_experiments import at_width, build_module
-from flm_lightning.tools.configs import model_config_from_yaml
+from flm_lightning.cli import load_config
 
 
 def batches(seq_len: int, batch_size: int, steps: int) -> list[torch.Tensor]:
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/mup/lr_transfer")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    base, _ = model_config_from_yaml("conf/mup_sweep.yaml")
+    base = load_config(["conf/mup_sweep.yaml"]).arch
     base = replace(base, n_layers=args.layers)
     widths, lrs = [int(w) for w in args.widths.split(",")], [float(x) for x in args.lrs.split(",")]
     data = batches(64, 8, args.steps)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 from jsonargparse import ArgumentError, Namespace
@@ -28,7 +30,7 @@ from flm_lightning.errors import EXIT_HALTED, EXIT_USAGE, USER_ERRORS, ConfigErr
 from flm_lightning.loggers import DEFAULT_ROOT, FLMTensorBoardLogger
 from flm_lightning.module import FLMLightningModule
 
-__all__ = ["FLMCLI", "main", "show_project_logs"]
+__all__ = ["FLMCLI", "ToolConfig", "load_config", "main", "show_project_logs"]
 
 
 class FLMCLI(LightningCLI):
@@ -315,6 +317,17 @@ ROOT_KEYS = {"trainer": Trainer, "model": FLMLightningModule, "data": MixtureDat
              "seed_everything": None, "optimizer": None, "lr_scheduler": None, "config": None, "print_config": None}
 
 
+# LightningCLI's parser settings of every entry point; allow_abbrev=False: `--trainer.max_step=50` is an
+# unknown key, not max_steps.
+PARSER_KWARGS = {"exit_on_error": False, "allow_abbrev": False}
+
+
+def parser_error_message(error: ArgumentError) -> str:
+    """The one line for a parse error: the project's own error inside it, else the key and the reason."""
+    own = user_error_in(error)
+    return str(own) if own else summarize_unknown_key(str(error), ROOT_KEYS) or summarize_parser_error(str(error))
+
+
 def main(args: Optional[list[str]] = None) -> FLMCLI:
     show_project_logs()
     quiet_third_party()
@@ -329,14 +342,11 @@ def main(args: Optional[list[str]] = None) -> FLMCLI:
             MixtureDataModule,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            # allow_abbrev=False: `--trainer.max_step=50` is an unknown key, not max_steps.
-            parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
+            parser_kwargs=PARSER_KWARGS,
             args=args,
         )
     except ArgumentError as e:
-        own = user_error_in(e)
-        message = str(own) if own else summarize_unknown_key(str(e), ROOT_KEYS) or summarize_parser_error(str(e))
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {parser_error_message(e)}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except TrainingHalted as e:
         print(f"error: {e}", file=sys.stderr)
@@ -347,3 +357,78 @@ def main(args: Optional[list[str]] = None) -> FLMCLI:
             raise
         print(f"error: {own}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+
+# ---- configs for the tools -----------------------------------------------------------------------
+@dataclass
+class ToolConfig:
+    """A config as `main.py fit` reads it, for a tool: the merged values and the LightningModule built from them."""
+
+    values: dict[str, Any]  # every key with its default filled in; FLMCLI(args=values) accepts it as it is
+    model: FLMLightningModule  # as fit builds it: arch, optim and mup normalised and checked; no weights yet
+
+    @property
+    def arch(self):
+        return self.model.arch
+
+    @property
+    def seq_len(self) -> Optional[int]:
+        """The training sequence length (`data.init_args.seq_len`), None when the config has no data section."""
+        data = self.values.get("data") or {}
+        return (data.get("init_args") or {}).get("seq_len")
+
+
+class _ParseOnlyCLI(FLMCLI):
+    """FLMCLI's parser and checks with no side effect: nothing instantiated or seeded, no folder derived."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def config_override(item: str) -> str:
+    """A tool's `--set KEY=VALUE` (or `--KEY=VALUE`, as main.py takes it) -> `--KEY=VALUE` for the parser."""
+    key, sep, value = item.removeprefix("--").partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    return f"--{key}={value}"
+
+
+def load_config(configs: Sequence[str], overrides: Sequence[str] = ()) -> ToolConfig:
+    """The config that `main.py fit -c CONFIGS[0] -c CONFIGS[1] ... --KEY=VALUE ...` would run, read by the same
+    parser: later files overlay earlier ones, `overrides` (KEY=VALUE, the value read as YAML) come last.
+
+    Raises:
+        ConfigError: with main.py's one-line message (invalid YAML, unknown key with a suggestion, bad value).
+    """
+    if not configs:
+        raise ConfigError("give a config with -c CONFIG")
+    for path in configs:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        problem = yaml_syntax_error(str(path))
+        if problem:
+            raise ConfigError(problem)
+    args = [arg for path in configs for arg in ("-c", str(path))] + [config_override(o) for o in overrides]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # a tool's argv is its own
+            # No data module class: LightningCLI then makes `data` optional (any LightningDataModule, its
+            # init_args checked all the same), so a model-only config serves the tools that need no data.
+            cli = _ParseOnlyCLI(FLMLightningModule, None, run=False, save_config_callback=None,
+                                parser_kwargs=PARSER_KWARGS, args=args)
+        values = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+        model = FLMLightningModule(**values["model"])
+    except ArgumentError as e:
+        raise ConfigError(parser_error_message(e)) from None
+    except Exception as e:
+        own = user_error_in(e)
+        if own is None or own is e:
+            raise
+        raise own from None
+    return ToolConfig(values=values, model=model)

@@ -1,4 +1,4 @@
-"""μP (maximal update parametrization) as one object derived from the config (DESIGN.md section 5).
+"""μP (maximal update parametrization) as one object derived from the config (docs/mup.md, docs/design.md "μP").
 
 Every parameter gets a role from its name alone (no shape bookkeeping stored on parameters,
 which is what breaks microsoft/mup under FSDP), and the role decides its initialisation and its

@@ -85,7 +85,20 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 IGNORE_INDEX = -100
-LEAN_CE_CHUNK_ELEMENTS = 2**24  # fp32 working set of one chunk: 64 MiB
+# Logits per chunk of LeanCrossEntropy (its fp32 working set is 4 bytes each), by device type. On a
+# CPU a chunk that stays in the L2 cache is about 2.3x cheaper than one 64 MiB chunk: forward and
+# backward of [2048, 4096] bf16 logits took 32 ms of CPU time with chunks of 2**17 and 69 ms with
+# 2**24, one thread (benchmarks/cross_entropy_speed.py; docs/performance.md). GPUs take large chunks
+# (fewer kernel launches; the working set stays bounded).
+LEAN_CE_CHUNK_ELEMENTS = {"cpu": 2**17}
+LEAN_CE_CHUNK_ELEMENTS_OTHER = 2**24
+LEAN_CE_MIN_ROWS = 8  # a huge vocabulary still gets a few rows per chunk (Python overhead per chunk)
+
+
+def lean_chunk_rows(logits: torch.Tensor) -> int:
+    """Token rows per LeanCrossEntropy chunk for `logits` [N, V] on its device."""
+    elements = LEAN_CE_CHUNK_ELEMENTS.get(logits.device.type, LEAN_CE_CHUNK_ELEMENTS_OTHER)
+    return max(LEAN_CE_MIN_ROWS, elements // logits.shape[-1])
 
 
 class LeanCrossEntropy(torch.autograd.Function):
@@ -98,8 +111,8 @@ class LeanCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        n, vocab = logits.shape
-        chunk = max(1, LEAN_CE_CHUNK_ELEMENTS // vocab)
+        n = logits.shape[0]
+        chunk = lean_chunk_rows(logits)
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         target_logit = torch.empty_like(lse)
         safe_targets = targets.clamp(min=0)

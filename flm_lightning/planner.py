@@ -13,11 +13,14 @@ sequence parallelism assumed whenever tp > 1 (so every activation is split by tp
   selectively recomputed); full recompute keeps only the layer input h;
 - logits on the last stage: vocab/tp x (bf16 logits 2 + fp32 copy 4 + fp32 log-softmax 4) bytes;
 - pipeline: the first stage holds min(pp, micro-batches) micro-batches in flight under 1F1B
-  (all of them under GPipe; x(1 + (pp-1)/(pp v)) interleaved).
+  (all of them under GPipe; x(1 + (pp-1)/(pp v)) under interleaved1f1b, v = stages_per_rank).
 
 Time: model FLOPs (`count_model`: 6N + attention) / (GPUs x achieved FLOP/s). The achieved rate
 is either given (a measured TFLOP/s, as the FLM-101B card reports) or peak x MFU, reduced by the
 pipeline bubble (pp-1)/(m v + pp-1) and by 3/4 under full recompute (an extra forward).
+
+A layout is checked by the strategy's own `check_layout` (`flm_lightning.parallel.dims`), with its names
+and messages: the same layout is refused here and by `main.py fit` for the same reason.
 """
 
 from __future__ import annotations
@@ -28,16 +31,19 @@ from typing import Optional
 
 from flm_lightning.errors import ConfigError
 from flm_lightning.model import ModelConfig, ModelSize, count_model
+from flm_lightning.parallel.dims import ParallelDims, check_layout, micro_batches_per_step
 
 GIB = 1024**3
 RECOMPUTE = ("none", "selective", "full")
 SHARDING = ("ddp", "distributed-optimizer", "fsdp")
-SCHEDULES = ("1f1b", "gpipe", "interleaved")
 PRECISIONS = ("bf16", "fp32")
 
 
 @dataclass(frozen=True)
 class Layout:
+    """A run's layout. tp, pp, dp, schedule and stages_per_rank are the strategy's tensor_parallel_size,
+    pipeline_parallel_size, data_parallel_size, schedule and stages_per_rank; micro_batch is data.batch_size."""
+
     tp: int = 1
     pp: int = 1
     dp: int = 1
@@ -45,11 +51,15 @@ class Layout:
     recompute: str = "none"
     sharding: str = "distributed-optimizer"
     schedule: str = "1f1b"
-    virtual_stages: int = 1
+    stages_per_rank: int = 1
 
     @property
     def gpus(self) -> int:
         return self.tp * self.pp * self.dp
+
+    @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims(pp=self.pp, dp=self.dp, tp=self.tp)
 
     def describe(self) -> str:
         return f"TP{self.tp} PP{self.pp} DP{self.dp} mb{self.micro_batch} {self.recompute} {self.sharding}"
@@ -129,32 +139,25 @@ class RunPlan:
         }
 
 
-def check_layout(arch: ModelConfig, layout: Layout, workload: Workload, gpus: Optional[int] = None) -> None:
-    """Raise ConfigError with what to change when the layout cannot run this model."""
-    for name in ("tp", "pp", "dp", "micro_batch", "virtual_stages"):
-        if getattr(layout, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(layout, name)}")
+def check_plan(arch: ModelConfig, layout: Layout, workload: Workload, gpus: Optional[int] = None) -> int:
+    """Raise ConfigError with what to change when the layout cannot run this model: the strategy's checks
+    (`flm_lightning.parallel.dims.check_layout`, its messages) and the planner's own inputs. Returns the
+    micro-batches per step and data-parallel rank."""
     if layout.recompute not in RECOMPUTE:
         raise ConfigError(f"recompute must be one of {list(RECOMPUTE)}, got {layout.recompute!r}")
     if layout.sharding not in SHARDING:
         raise ConfigError(f"sharding must be one of {list(SHARDING)}, got {layout.sharding!r}")
-    if layout.schedule not in SCHEDULES:
-        raise ConfigError(f"schedule must be one of {list(SCHEDULES)}, got {layout.schedule!r}")
     if workload.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {workload.precision!r}")
-    if arch.n_heads % layout.tp or arch.ffn_size % layout.tp:
-        raise ConfigError(f"tp={layout.tp} must divide n_heads ({arch.n_heads}) and the ffn size ({arch.ffn_size})")
-    if layout.pp * layout.virtual_stages > arch.n_layers:
-        raise ConfigError(f"pp x virtual_stages = {layout.pp * layout.virtual_stages} exceeds n_layers ({arch.n_layers})")
-    if gpus is not None and layout.gpus != gpus:
-        raise ConfigError(f"tp x pp x dp = {layout.gpus} does not equal --gpus {gpus}")
-    if workload.global_batch % (layout.dp * layout.micro_batch):
-        raise ConfigError(
-            f"global batch {workload.global_batch} is not divisible by dp x micro_batch = {layout.dp * layout.micro_batch}"
-        )
-    micro_batches = workload.global_batch // (layout.dp * layout.micro_batch)
-    if layout.pp > 1 and micro_batches < layout.pp:
-        raise ConfigError(f"{micro_batches} micro-batches per step is fewer than pp={layout.pp}; the pipeline would starve")
+    if not isinstance(layout.micro_batch, int) or layout.micro_batch < 1:
+        raise ConfigError(f"data.batch_size (the micro-batch) must be a positive integer, got {layout.micro_batch!r}")
+    dims = layout.dims
+    if gpus is not None and dims.world_size != gpus:
+        raise ConfigError(f"tp x pp x dp = {dims.world_size} does not equal --gpus {gpus}")
+    micro_batches = micro_batches_per_step(workload.global_batch, layout.micro_batch, dims.dp)
+    check_layout(dims, arch, seq_len=workload.seq_len, micro_batches=micro_batches, schedule=layout.schedule,
+                 stages_per_rank=layout.stages_per_rank)
+    return micro_batches
 
 
 def _layer_parameters(arch: ModelConfig) -> int:
@@ -202,8 +205,8 @@ def memory_per_gpu(
         in_flight = micro_batches
     else:
         in_flight = min(layout.pp, micro_batches)
-        if layout.schedule == "interleaved" and layout.pp > 1:
-            in_flight *= 1 + (layout.pp - 1) / (layout.pp * layout.virtual_stages)
+        if layout.schedule == "interleaved1f1b" and layout.pp > 1:
+            in_flight *= 1 + (layout.pp - 1) / (layout.pp * layout.stages_per_rank)
     per_layer = _activation_elements_per_token(arch, layout, workload) * tokens_per_micro * act_bytes
     if layout.recompute == "full":  # one layer is rebuilt in full during its backward
         one_layer = _activation_elements_per_token(arch, replace(layout, recompute="none"), workload)
@@ -238,11 +241,10 @@ def memory_per_gpu(
 def plan_run(
     arch: ModelConfig, layout: Layout, workload: Workload, hardware: Hardware, size: Optional[ModelSize] = None
 ) -> RunPlan:
-    check_layout(arch, layout, workload)
+    micro_batches = check_plan(arch, layout, workload)
     size = size or count_model(arch, workload.seq_len)
     memory = memory_per_gpu(arch, layout, workload, hardware, size)
-    micro_batches = workload.global_batch // (layout.dp * layout.micro_batch)
-    bubble = (layout.pp - 1) / (micro_batches * layout.virtual_stages + layout.pp - 1) if layout.pp > 1 else 0.0
+    bubble = (layout.pp - 1) / (micro_batches * layout.stages_per_rank + layout.pp - 1) if layout.pp > 1 else 0.0
     notes = []
     if hardware.achieved_tflops:
         tflops = hardware.achieved_tflops
@@ -283,11 +285,11 @@ def candidate_layouts(arch: ModelConfig, gpus: int, workload: Workload, fixed: d
                     layout = Layout(tp=tp, pp=pp, dp=gpus // (tp * pp), micro_batch=mb, recompute=recompute,
                                     sharding=fixed.get("sharding", "distributed-optimizer"),
                                     schedule=fixed.get("schedule", "1f1b"),
-                                    virtual_stages=fixed.get("virtual_stages", 1))
+                                    stages_per_rank=fixed.get("stages_per_rank", 1))
                     if any(getattr(layout, k) != v for k, v in fixed.items()):
                         continue
                     try:
-                        check_layout(arch, layout, workload, gpus)
+                        check_plan(arch, layout, workload, gpus)
                     except ConfigError:
                         continue
                     layouts.append(layout)

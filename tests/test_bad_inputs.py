@@ -147,7 +147,10 @@ CATALOGUE = [
     ("predict-loss: fewer than 4 runs", tool("predict-loss", "--csv", "{root}/three_runs.csv", "--target-params", "1e6", "--out", "{root}/pl"), "needs at least 4 runs, got 3"),
     ("predict-loss: loss rising with size", tool("predict-loss", "--csv", "{root}/rising.csv", "--target-params", "1e6", "--out", "{root}/pl"), "the losses do not fall with size"),
     ("predict-loss: no runs in the folder", tool("predict-loss", "--runs", "{root}/text", "--target-params", "1e6", "--out", "{root}/pl"), "holds no TensorBoard event files"),
-    ("plan: tp not dividing heads", tool("plan", "-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "3", "--pp", "1"), "tp=3 must divide"),
+    ("plan: tp not dividing heads", tool("plan", "-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "3", "--pp", "1"),
+     "trainer.strategy.tensor_parallel_size=3 does not divide model.arch.n_heads (80)"),
+    ("info: unknown key in --set", tool("info", "-c", "conf/tiny.yaml", "-c", "{root}/small.yaml", "--set",
+                                        "model.arch.n_layer=6"), "unknown key model.arch.n_layer (did you mean n_layers?)"),
 ]
 
 

@@ -130,15 +130,15 @@ def test_a_checkout_without_pip_install_finds_the_callbacks():
 
 
 def test_cuda_layout_overlay_is_one_process_fsdp2_with_bf16_params():
+    from flm_lightning.cli import load_config
     from flm_lightning.parallel.dims import ParallelDims, check_layout
-    from flm_lightning.tools.configs import load_yaml, model_config_from_yaml
 
-    trainer = load_yaml("conf/layouts/cuda_1x1x1.yaml")["trainer"]
+    config = load_config(["conf/bench_1b.yaml", "conf/layouts/cuda_1x1x1.yaml"])
+    trainer = config.values["trainer"]
     strategy = trainer["strategy"]["init_args"]
     assert trainer["accelerator"] == "gpu" and trainer["use_distributed_sampler"] is False
     assert (strategy["param_dtype"], strategy["reduce_dtype"]) == ("bfloat16", "float32")
     dims = ParallelDims.infer(trainer["devices"], tp=strategy["tensor_parallel_size"],
                               pp=strategy["pipeline_parallel_size"])
-    arch, seq_len = model_config_from_yaml("conf/bench_1b.yaml")
-    check_layout(dims, arch, seq_len=seq_len)
+    check_layout(dims, config.arch, seq_len=config.seq_len)
     assert dims.shape == (1, 1, 1)

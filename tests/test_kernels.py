@@ -13,6 +13,7 @@ from flm_lightning.errors import ConfigError
 from flm_lightning.model import FLMTransformer
 from flm_lightning.model.attention import attend, math_attention
 from flm_lightning.module import FLMLightningModule
+from flm_lightning import objective
 from flm_lightning.objective import token_cross_entropy
 from flm_lightning.optim import OptimConfig, build_adamw, param_groups
 from flm_lightning.parallel.compute import apply_activation_checkpointing, apply_compile
@@ -184,6 +185,25 @@ def test_lean_cross_entropy_matches_plain_fp32_values_and_gradients():
     # Same fp32 gradient, cast once to bf16: at most one rounding step apart.
     assert (lean_grad.float() - logits.grad.float()).abs().max() <= 2e-6 + 2**-8 * logits.grad.float().abs().max()
     assert (lean_grad[0, :4] == 0).all()
+
+
+def test_lean_cross_entropy_chunks_change_nothing(monkeypatch):
+    # Every per-token value is computed within its own row, so any chunking gives the same bits.
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 61, 300) * 3).bfloat16()
+    labels = torch.randint(0, 300, (2, 61))
+    labels[1, 5:9] = -100
+    weights = torch.rand(2, 61)
+    results = []
+    for elements in (2**24, 9 * 300, 300):  # one chunk; 9 rows (122 = 13 x 9 + 5); the 8-row floor
+        monkeypatch.setitem(objective.LEAN_CE_CHUNK_ELEMENTS, "cpu", elements)
+        x = logits.clone().requires_grad_()
+        loss = token_cross_entropy(x, labels)
+        (loss * weights).sum().backward()
+        results.append((objective.lean_chunk_rows(x.flatten(0, 1)), loss.detach(), x.grad))
+    assert [rows for rows, _, _ in results] == [2**24 // 300, 9, 8]
+    for _, loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][1]) and torch.equal(grad, results[0][2])
 
 
 def test_lean_cross_entropy_keeps_no_fp32_logits():

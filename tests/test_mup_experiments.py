@@ -10,7 +10,6 @@ from flm_lightning.__main__ import main as tool_main
 from flm_lightning.model import count_model
 from flm_lightning.mup import MuPConfig
 from flm_lightning.mup_experiments import at_width, coord_check, fit_power_law
-from flm_lightning.tools.configs import model_config_from_yaml
 from tests.conftest import tiny_config
 
 
@@ -100,6 +99,7 @@ def test_predict_from_runs_bad_input(tmp_path, capsys, args, message):
 
 
 def test_sweep_trains_each_width_with_the_trainer_and_reuses_finished_runs(tmp_path, capsys):
+    from flm_lightning.cli import load_config
     from flm_lightning.data import prepare
     from flm_lightning.tools.predict_loss import read_runs, sweep
 
@@ -118,11 +118,11 @@ def test_sweep_trains_each_width_with_the_trainer_and_reuses_finished_runs(tmp_p
                            "max_seq_len": 32}, "mup": {"base_hidden_size": 16}, "optim": {"lr": 0.01, "warmup_steps": 0}},
         "data": {"class_path": "flm_lightning.data.MixtureDataModule",
                  "init_args": {"sources": [{"path": str(tmp_path / "data")}], "seq_len": 32, "batch_size": 2}}}))
-    dirs = sweep(str(config), [16, 32], None, tmp_path / "out")
+    dirs = sweep([str(config)], [16, 32], None, tmp_path / "out")
     assert [d.name for d in dirs] == ["width16", "width32"]
     points, step = read_runs([str(d) for d in dirs], "val/loss", None)
-    arch = model_config_from_yaml(config)[0]
+    arch = load_config([str(config)]).arch
     assert step == 1 and [p["params"] for p in points] == [
         count_model(at_width(arch, w)).non_embedding_parameters for w in (16, 32)]  # the trainer's own log
-    sweep(str(config), [16, 32], None, tmp_path / "out")  # finished runs are read back, not retrained
+    sweep([str(config)], [16, 32], None, tmp_path / "out")  # finished runs are read back, not retrained
     assert capsys.readouterr().err.count("reusing") == 2

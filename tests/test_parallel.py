@@ -174,6 +174,73 @@ def test_layout_must_fit_the_model(dims, arch, kwargs, message):
         check_layout(ParallelDims(*dims), tiny_config("teleflm", n_layers=arch.pop("n_layers", 4), **arch), **kwargs)
 
 
+# One bad setting each, of both former rule sets (the strategy's and the planner's); the message is the
+# strategy's, with its names. (pp, dp, tp), data.batch_size, data.global_batch_size, schedule, stages_per_rank,
+# model.arch overrides, sequence length, message.
+BAD_LAYOUTS = [
+    ((1, 1, 3), 1, 8, "1f1b", 1, {}, 32,
+     "trainer.strategy.tensor_parallel_size=3 does not divide model.arch.n_heads (4)"),
+    ((1, 1, 4), 1, 8, "1f1b", 1, dict(ffn_hidden_size=90), 32,
+     "trainer.strategy.tensor_parallel_size=4 does not divide the ffn width (90)"),
+    ((1, 1, 2), 1, 8, "1f1b", 1, dict(vocab_size=101, pad_vocab_multiple=1), 32,
+     "trainer.strategy.tensor_parallel_size=2 does not divide the padded vocabulary (101)"),
+    ((1, 1, 2), 1, 8, "1f1b", 1, {}, 31,
+     "trainer.strategy.tensor_parallel_size=2 does not divide the sequence length 31 (sequence parallelism splits it)"),
+    ((4, 1, 1), 1, 8, "1f1b", 1, dict(n_layers=2), 32,
+     "trainer.strategy: 4 pipeline stages (pipeline_parallel_size=4 x stages_per_rank=1) but only 2 layers "
+     "(model.arch.n_layers)"),
+    ((2, 1, 1), 1, 8, "interleaved1f1b", 3, {}, 32,
+     "trainer.strategy: 6 pipeline stages (pipeline_parallel_size=2 x stages_per_rank=3) but only 4 layers "
+     "(model.arch.n_layers)"),
+    ((2, 1, 1), 4, 4, "1f1b", 1, {}, 32,
+     "1 micro-batch(es) per step (data.global_batch_size / (data.batch_size x dp)) is fewer than "
+     "pipeline_parallel_size=2: the pipeline would idle; raise data.global_batch_size or lower data.batch_size"),
+    ((2, 2, 1), 1, 7, "1f1b", 1, {}, 32,
+     "data.global_batch_size=7 is not a multiple of data.batch_size x data-parallel ranks = 1 x 2; each optimizer "
+     "step must run a whole number of micro-batches on every rank"),
+    ((2, 1, 1), 1, 8, "interleaved", 2, {}, 32,
+     "trainer.strategy.schedule must be one of ['gpipe', '1f1b', 'interleaved1f1b'], got 'interleaved'"),
+    ((2, 1, 1), 1, 8, "interleaved1f1b", 1, {}, 32,
+     "trainer.strategy: schedule interleaved1f1b needs stages_per_rank >= 2"),
+    ((2, 1, 1), 1, 8, "1f1b", 2, {}, 32,
+     "trainer.strategy: stages_per_rank > 1 needs schedule interleaved1f1b, got '1f1b'"),
+    ((2, 1, 1), 1, 8, "1f1b", 0, {}, 32, "trainer.strategy.stages_per_rank must be an integer >= 1, got 0"),
+    ((1, 1, 0), 1, 8, "1f1b", 1, {}, 32, "trainer.strategy.tensor_parallel_size must be an integer >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("dims,batch,global_batch,schedule,stages_per_rank,arch,seq_len,message", BAD_LAYOUTS)
+def test_strategy_and_planner_refuse_a_layout_with_the_same_message(dims, batch, global_batch, schedule,
+                                                                     stages_per_rank, arch, seq_len, message):
+    from types import SimpleNamespace
+
+    from flm_lightning.parallel import FLMParallelStrategy
+    from flm_lightning.planner import Layout, Workload, check_plan
+
+    pp, dp, tp = dims
+    model = tiny_config("teleflm", **{"n_layers": 4, **arch})
+    strategy = FLMParallelStrategy(tensor_parallel_size=tp, pipeline_parallel_size=pp, schedule=schedule,
+                                   stages_per_rank=stages_per_rank)
+    strategy.parallel_devices, strategy.num_nodes = [torch.device("cpu")] * max(pp * dp * tp, 1), 1
+    with pytest.raises(ConfigError) as by_strategy:  # what main.py fit runs before any process group
+        strategy.check(model, SimpleNamespace(batch_size=batch, global_batch_size=global_batch, seq_len=seq_len))
+    layout = Layout(tp=tp, pp=pp, dp=dp, micro_batch=batch, schedule=schedule, stages_per_rank=stages_per_rank)
+    with pytest.raises(ConfigError) as by_planner:  # what `python -m flm_lightning plan` runs
+        check_plan(model, layout, Workload(global_batch=global_batch, seq_len=seq_len))
+    assert str(by_strategy.value) == str(by_planner.value) == message
+
+
+def test_compare_layouts_refuses_a_bad_layout_before_forking(config, capsys):
+    from flm_lightning.__main__ import main as tool_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        tool_main(["compare-layouts", "-c", config, "--layouts", "1x1x1,4x1x1", "--micro-batches", "2"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: layout 4x1x1: 2 micro-batch(es) per step (data.global_batch_size / (data.batch_size x dp)) is fewer "
+        "than pipeline_parallel_size=4: the pipeline would idle; raise data.global_batch_size or lower data.batch_size")
+
+
 def test_bad_layout_exits_2_before_any_process_group(config, capsys):
     args = ["fit", "-c", config, "--trainer.devices=1", "--trainer.strategy=flm_lightning.parallel.FLMParallelStrategy",
             "--trainer.strategy.init_args.tensor_parallel_size=2", "--trainer.logger=false"]
@@ -251,16 +318,17 @@ def test_tied_embedding_resumes_from_pipeline_to_one_process(config, reference, 
 ])
 def test_published_layouts_fit_their_models(preset, overlay):
     """The ready layout overlays pass the strategy's checks for their preset (no process started)."""
-    from flm_lightning.tools.configs import load_yaml, model_config_from_yaml
+    from flm_lightning.cli import load_config
 
-    arch, seq_len = model_config_from_yaml(preset)
-    trainer = load_yaml(overlay)["trainer"]
+    config = load_config([preset, overlay])  # as `main.py fit -c PRESET -c OVERLAY` reads them
+    trainer = config.values["trainer"]
     strategy = trainer["strategy"]["init_args"]
-    dims = ParallelDims.infer(trainer["devices"] * trainer.get("num_nodes", 1), tp=strategy["tensor_parallel_size"],
+    dims = ParallelDims.infer(trainer["devices"] * trainer["num_nodes"], tp=strategy["tensor_parallel_size"],
                               pp=strategy["pipeline_parallel_size"])
-    data = load_yaml(overlay)["data"]["init_args"]
+    data = config.values["data"]["init_args"]
     micro_batches = micro_batches_per_step(data["global_batch_size"], data["batch_size"], dims.dp)
-    check_layout(dims, arch, seq_len=seq_len, micro_batches=micro_batches, schedule=strategy["schedule"])
+    check_layout(dims, config.arch, seq_len=config.seq_len, micro_batches=micro_batches, schedule=strategy["schedule"],
+                 stages_per_rank=strategy["stages_per_rank"], layout=strategy["layout"])
     expected = {"conf/flm_101b.yaml": (4, 12, 4), "conf/tele_flm_52b.yaml": (2, 112, 4), "conf/tele_flm_1t.yaml": (28, 1, 32)}
     assert dims.shape == expected.get(preset, (2, 2, 2))
 

@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 
 from flm_lightning.errors import ConfigError
-from flm_lightning.planner import Hardware, Layout, Workload, check_layout, memory_per_gpu, plan_run, rank_layouts
-from flm_lightning.tools.configs import model_config_from_yaml
+from flm_lightning.planner import Hardware, Layout, Workload, check_plan, memory_per_gpu, plan_run, rank_layouts
+from flm_lightning.cli import load_config
 from flm_lightning.tools.plan import load_schedule, parse_count, plan_schedule
 
 FLM_PUBLISHED_DAYS = {"16B": 9.63, "51B": 5.37, "101B": 6.54}
@@ -32,7 +32,7 @@ def test_flm_101b_growth_saves_about_72_percent(flm_schedule):
 
 @pytest.fixture(scope="module")
 def flm101b():
-    return model_config_from_yaml("conf/flm_101b.yaml")[0]
+    return load_config(["conf/flm_101b.yaml"]).arch
 
 
 def test_published_layouts_fit(flm101b):
@@ -44,7 +44,7 @@ def test_published_layouts_fit(flm101b):
         (flm101b, Layout(tp=4, pp=4, dp=12)),
     ]:
         assert plan_run(arch, layout, wl, hw).fits, layout
-    tele = model_config_from_yaml("conf/tele_flm_52b.yaml")[0]
+    tele = load_config(["conf/tele_flm_52b.yaml"]).arch
     assert plan_run(tele, Layout(tp=4, pp=2, dp=112), Workload(global_batch=1344, seq_len=4096), hw).fits
 
 
@@ -81,16 +81,19 @@ def test_activation_levers(flm101b):
 @pytest.mark.parametrize(
     "layout, workload, message",
     [
-        (Layout(tp=3), Workload(8, 2048), "tp=3 must divide n_heads"),
-        (Layout(pp=81), Workload(81, 2048), "exceeds n_layers"),
-        (Layout(pp=4, dp=2), Workload(7, 2048), "not divisible"),
-        (Layout(pp=4, dp=2), Workload(4, 2048), "fewer than pp"),
+        (Layout(tp=3), Workload(8, 2048), r"tensor_parallel_size=3 does not divide model.arch.n_heads \(80\)"),
+        (Layout(pp=81), Workload(81, 2048), r"81 pipeline stages .* but only 80 layers"),
+        (Layout(pp=4, dp=2), Workload(7, 2048), r"data.global_batch_size=7 is not a multiple of data.batch_size x "),
+        (Layout(pp=4, dp=2), Workload(4, 2048), r"2 micro-batch\(es\) per step .* fewer than pipeline_parallel_size=4"),
         (Layout(recompute="some"), Workload(8, 2048), "recompute must be one of"),
+        (Layout(sharding="zero9"), Workload(8, 2048), "sharding must be one of"),
+        (Layout(micro_batch=0), Workload(8, 2048), "data.batch_size .* must be a positive integer"),
+        (Layout(), Workload(8, 2048, precision="fp8"), "precision must be one of"),
     ],
 )
 def test_bad_layouts(flm101b, layout, workload, message):
     with pytest.raises(ConfigError, match=message):
-        check_layout(flm101b, layout, workload)
+        check_plan(flm101b, layout, workload)
 
 
 def test_ranking_lists_fitting_layouts_fastest_first(flm101b):
@@ -130,7 +133,13 @@ def test_plan_cli_single_layout_table():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "3", "--pp", "1"], "tp=3 must divide"),
+        (["-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "3", "--pp", "1"],
+         "error: trainer.strategy.tensor_parallel_size=3 does not divide model.arch.n_heads (80)"),
+        (["-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "4", "--pp", "4", "--global-batch", "2160",
+          "--pp-schedule", "interleaved1f1b"],
+         "error: trainer.strategy: schedule interleaved1f1b needs stages_per_rank >= 2"),
+        (["-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "4", "--pp", "4", "--global-batch", "1024"],
+         "error: data.global_batch_size=1024 is not a multiple of data.batch_size x data-parallel ranks = 1 x 12"),
         (["-c", "conf/flm_101b.yaml", "--gpus", "0"], "--gpus must be a positive integer"),
         (["-c", "conf/flm_101b.yaml", "--gpus", "8", "--tokens", "many"], "not a number"),
         (["--gpus", "8"], "either -c CONFIG or --schedule"),

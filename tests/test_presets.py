@@ -1,4 +1,4 @@
-"""Published parameter counts of the presets (DESIGN.md section 2), counted on the meta device."""
+"""Published parameter counts of the presets (docs/design.md, "The published counts"), counted on the meta device."""
 
 import json
 import subprocess
@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from flm_lightning.model import count_model
-from flm_lightning.tools.configs import model_config_from_yaml
+from flm_lightning.cli import load_config
 
 # (preset, published parameters, tolerance). The Tele-FLM table lists ffn sizes rounded to
 # multiples of 64; the proxy's published 283M (and 52.85B, 102.3B) match floor(8d/3) instead,
@@ -24,19 +24,19 @@ PUBLISHED = [
 
 @pytest.mark.parametrize("name, published, tol", PUBLISHED)
 def test_tele_flm_counts(name, published, tol):
-    arch, seq = model_config_from_yaml(f"conf/{name}.yaml")
-    assert count_model(arch, seq).parameters == pytest.approx(published, rel=tol)
+    config = load_config([f"conf/{name}.yaml"])
+    assert count_model(config.arch, config.seq_len).parameters == pytest.approx(published, rel=tol)
 
 
 @pytest.mark.parametrize("name, published", [("tele_flm_52b", 52.85e9), ("tele_flm_102b", 102.3e9), ("tele_flm_mup_proxy", 283e6)])
 def test_published_counts_use_unrounded_ffn(name, published):
-    arch, _ = model_config_from_yaml(f"conf/{name}.yaml")
+    arch = load_config([f"conf/{name}.yaml"]).arch
     unrounded = replace(arch, ffn_hidden_size=8 * arch.hidden_size // 3)
     assert count_model(unrounded).parameters == pytest.approx(published, rel=0.001)
 
 
 def test_flm_101b_count():
-    arch, _ = model_config_from_yaml("conf/flm_101b.yaml")
+    arch = load_config(["conf/flm_101b.yaml"]).arch
     size = count_model(arch)
     assert arch.tie_embeddings and arch.position == "xpos" and arch.ffn_size == 4 * arch.hidden_size
     assert 101e9 <= size.parameters < 102e9
@@ -47,8 +47,8 @@ def test_flm_101b_count():
 
 
 def test_flops_per_token_formula():
-    arch, seq = model_config_from_yaml("conf/tele_flm_52b.yaml")
-    size = count_model(arch, seq)
+    config = load_config(["conf/tele_flm_52b.yaml"])
+    size = count_model(config.arch, config.seq_len)
     assert size.flops_per_token == 6 * (size.parameters - 64 * 2 * 8192 - 8192 - 80000 * 8192) + 12 * 64 * 8192 * 4096
 
 
@@ -62,7 +62,11 @@ def test_info_json_cli():
     assert report["flops_per_token"] > 6 * report["parameters"] * 0.99
 
 
-@pytest.mark.parametrize("content, message", [("model: {arch: {n_heads: 3}}", "hidden_size"), ("model: [1", "not valid YAML"), ("trainer: {}", "no model.arch")])
+@pytest.mark.parametrize("content, message", [
+    ("model: {arch: {n_heads: 3}}", "hidden_size"),
+    ("model: [1", "invalid YAML"),
+    ("model: {arch: {n_layer: 3}}", "unknown key model.arch.n_layer (did you mean n_layers?)"),
+])
 def test_info_bad_config_exits_2(tmp_path, content, message):
     path = tmp_path / "bad.yaml"
     path.write_text(content)

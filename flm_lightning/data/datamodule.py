@@ -26,27 +26,9 @@ from flm_lightning.data.mixture import (
 from flm_lightning.data.prepare import prepare, prepare_documents
 from flm_lightning.data.shards import PreparedCorpus
 from flm_lightning.errors import ConfigError, DataError
+from flm_lightning.parallel.dims import micro_batches_per_step  # the layout's arithmetic, used here and by the strategy
 
 TEACHER_DOMAIN = "teacher"
-
-
-def micro_batches_per_step(global_batch_size: Optional[int], batch_size: int, dp: int) -> int:
-    """Micro-batches of `batch_size` samples that each of `dp` data-parallel ranks runs per optimizer step.
-
-    This is gradient accumulation and, under pipeline parallelism, the schedule's micro-batches:
-    one concept in every layout. `global_batch_size` None means one micro-batch per step.
-
-    Raises:
-        ConfigError: when `global_batch_size` is not a multiple of `batch_size x dp`.
-    """
-    if global_batch_size is None:
-        return 1
-    if global_batch_size % (batch_size * dp):
-        raise ConfigError(
-            f"data.global_batch_size={global_batch_size} is not a multiple of data.batch_size x data-parallel ranks "
-            f"= {batch_size} x {dp}; each optimizer step must run a whole number of micro-batches on every rank"
-        )
-    return global_batch_size // (batch_size * dp)
 
 
 class MixtureDataModule(L.LightningDataModule):

@@ -1,7 +1,10 @@
 """Mesh sizes of a (pp, dp, tp) layout and every check that a layout fits a model, in one place.
 
 All checks run before any process group exists, so a bad layout fails with one message on every
-rank instead of hanging in a collective.
+rank instead of hanging in a collective. The strategy (`FLMParallelStrategy.check`), the planner
+(`flm_lightning.planner.check_plan`) and compare-layouts call the same `check_layout`, with the
+strategy's names (`trainer.strategy.init_args`): `tensor_parallel_size`, `pipeline_parallel_size`,
+`data_parallel_size`, `schedule` (gpipe, 1f1b, interleaved1f1b), `stages_per_rank`, `layout`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,11 @@ MESH_DIMS = ("pp", "dp", "tp")
 SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b")
 
 
+def _check_size(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"trainer.strategy.{name} must be an integer >= 1, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     """Sizes of the pipeline, data and tensor parallel dimensions; dp * tp * pp == world size."""
@@ -24,12 +32,17 @@ class ParallelDims:
     dp: int
     tp: int
 
+    def __post_init__(self) -> None:
+        for name, value in (("pipeline_parallel_size", self.pp), ("data_parallel_size", self.dp),
+                            ("tensor_parallel_size", self.tp)):
+            _check_size(name, value)
+
     @classmethod
     def infer(cls, world_size: int, tp: int = 1, pp: int = 1, dp: Optional[int] = None) -> "ParallelDims":
         """The layout for `world_size` processes; dp defaults to what tp and pp leave."""
         for name, value in (("tensor_parallel_size", tp), ("pipeline_parallel_size", pp), ("data_parallel_size", dp)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"trainer.strategy.{name} must be an integer >= 1, got {value!r}")
+            if value is not None:
+                _check_size(name, value)
         if world_size % (tp * pp):
             raise ConfigError(
                 f"world size {world_size} (nodes x devices) is not divisible by tensor_parallel_size x "
@@ -55,15 +68,34 @@ class ParallelDims:
         return f"pp{self.pp} x dp{self.dp} x tp{self.tp}"
 
 
+def micro_batches_per_step(global_batch_size: Optional[int], batch_size: int, dp: int) -> int:
+    """Micro-batches of `batch_size` samples that each of `dp` data-parallel ranks runs per optimizer step.
+
+    This is gradient accumulation and, under pipeline parallelism, the schedule's micro-batches:
+    one concept in every layout. `global_batch_size` None means one micro-batch per step.
+
+    Raises:
+        ConfigError: when `global_batch_size` is not a multiple of `batch_size x dp`.
+    """
+    if global_batch_size is None:
+        return 1
+    if global_batch_size % (batch_size * dp):
+        raise ConfigError(
+            f"data.global_batch_size={global_batch_size} is not a multiple of data.batch_size x data-parallel ranks "
+            f"= {batch_size} x {dp}; each optimizer step must run a whole number of micro-batches on every rank"
+        )
+    return global_batch_size // (batch_size * dp)
+
+
 def check_layout(dims: ParallelDims, arch: ModelConfig, *, seq_len: Optional[int] = None, micro_batches: int = 1,
                  schedule: str = "1f1b", stages_per_rank: int = 1, layout: Optional[list[int]] = None) -> None:
     """Raise ConfigError naming the first setting that makes `dims` unusable for `arch`.
 
-    `micro_batches` is per optimizer step and data-parallel rank
-    (`flm_lightning.data.datamodule.micro_batches_per_step`)."""
+    `micro_batches` is per optimizer step and data-parallel rank (`micro_batches_per_step`)."""
     where = "trainer.strategy"
     if schedule not in SCHEDULES:
         raise ConfigError(f"{where}.schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
+    _check_size("stages_per_rank", stages_per_rank)
     if dims.tp > 1:
         heads = arch.attention_dim // arch.head_size
         for what, size in (("model.arch.n_heads", heads), ("the ffn width", arch.ffn_size),

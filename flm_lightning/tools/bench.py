@@ -33,18 +33,17 @@ import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import yaml
 
 from flm_lightning.errors import ConfigError
 from flm_lightning.model import count_model
-from flm_lightning.tools.configs import load_yaml
+from flm_lightning.tools.configs import add_config_arguments, shown
 
 CHECKPOINT_CALLBACKS = ("ModelCheckpoint", "PreemptionCheckpoint")
 PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", required=True, help="a LightningCLI YAML config (e.g. conf/tiny.yaml)")
+    add_config_arguments(parser, help="a LightningCLI YAML config (e.g. conf/tiny.yaml)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     parser.add_argument("--repeats", type=int, default=5,
@@ -54,17 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "process-wide settings such as a forced sdpa kernel, or a short GPU session")
     parser.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: known GPUs)")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value by its dotted key, e.g. model.compile=true or "
-                             "data.init_args.batch_size=8 (repeatable; the value is read as YAML)")
 
 
 def run(args: argparse.Namespace) -> None:
     for name in ("steps", "warmup", "repeats"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             raise ConfigError(f"--{name} must be {'>= 0' if name == 'warmup' else 'a positive integer'}, got {getattr(args, name)}")
-    overrides = [_override(item) for item in args.set]
-    result = benchmark(args.config, args.steps, args.warmup, args.repeats, args.peak_tflops, overrides, progress=print,
+    result = benchmark(args.config, args.steps, args.warmup, args.repeats, args.peak_tflops, args.set, progress=print,
                        fresh_processes=not args.same_process)
     print_report(result)
     if args.json:
@@ -72,26 +67,15 @@ def run(args: argparse.Namespace) -> None:
             json.dump(result, f, indent=1)
 
 
-def _override(item: str) -> tuple[list[str], Any]:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-    return key.split("."), yaml.safe_load(value)
-
-
-def benchmark(config: str, steps: int, warmup: int, repeats: int, peak_tflops: Optional[float] = None,
-              overrides: Sequence[tuple[list[str], Any]] = (), progress: Callable[[str], Any] = lambda _: None,
+def benchmark(configs: Sequence[str], steps: int, warmup: int, repeats: int, peak_tflops: Optional[float] = None,
+              overrides: Sequence[str] = (), progress: Callable[[str], Any] = lambda _: None,
               fresh_processes: bool = True) -> dict:
     """Trainer / loop runs, the first side alternating; tokens/s of each, their ratios (median and spread) and
-    peak memory. `fresh_processes`: each run in a new interpreter (default), else all in this one."""
-    values = load_yaml(config)
-    for keys, value in overrides:
-        section = values
-        for key in keys[:-1]:
-            section = section.setdefault(key, {})
-            if not isinstance(section, dict):
-                raise ConfigError(f"--set {'.'.join(keys)}: {key} is not a mapping in {config}")
-        section[keys[-1]] = value
+    peak memory. The config is `configs` overlaid and `overrides` (KEY=VALUE) applied, as main.py reads them.
+    `fresh_processes`: each run in a new interpreter (default), else all in this one."""
+    from flm_lightning.cli import load_config
+
+    values = load_config(configs, overrides).values
     trainer_runs, loop_runs = [], []
     with tempfile.TemporaryDirectory(prefix="flm-bench-") as logs:
         call = _fresh if fresh_processes else (lambda fn, *args: fn(*args))
@@ -111,7 +95,7 @@ def benchmark(config: str, steps: int, warmup: int, repeats: int, peak_tflops: O
     # that take the cores away (a shared machine); on a GPU the wall-clock ratio is the one to read.
     cpu_ratios = [t["tokens_per_cpu_sec"] / l["tokens_per_cpu_sec"] for t, l in zip(trainer_runs, loop_runs)]
     result = {
-        "config": config, "overrides": [f"{'.'.join(k)}={json.dumps(v)}" for k, v in overrides],
+        "config": shown(configs), "overrides": list(overrides),
         "device": first["device"], "precision": first["precision"], "threads": torch.get_num_threads(),
         "parameters": first["parameters"], "batch_size": first["batch_size"], "seq_len": first["seq_len"],
         "steps": steps, "warmup": warmup, "repeats": repeats, "fresh_processes": fresh_processes,

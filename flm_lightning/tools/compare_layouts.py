@@ -13,13 +13,20 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import lightning as L
 
 from flm_lightning.errors import ConfigError
-from flm_lightning.parallel.dims import ParallelDims
+from flm_lightning.parallel.dims import SCHEDULES, ParallelDims, check_layout, micro_batches_per_step
 from flm_lightning.parallel.launch import run_forked
+from flm_lightning.tools.configs import add_config_arguments
+
+Configs = Union[str, Sequence[str]]  # one config file, or several overlaid as `main.py fit -c A -c B`
+
+
+def config_args(config: Configs) -> list[str]:
+    return [arg for c in ([config] if isinstance(config, (str, Path)) else config) for arg in ("-c", str(c))]
 
 
 def parse_layout(text: str) -> ParallelDims:
@@ -74,13 +81,23 @@ def layout_overrides(dims: Optional[ParallelDims], global_batch: int, steps: int
     ]
 
 
-def train_layout(config: str, overrides: list[str], out: Optional[str], ckpt_path: Optional[str] = None,
+def check_config_layout(values: dict, arch, seq_len: Optional[int], dims: ParallelDims) -> None:
+    """The strategy's own check (`check_layout`, its messages) of `dims` for a config as main.py reads it
+    (`flm_lightning.cli.load_config(...).values`), before any process starts."""
+    strategy = values["trainer"]["strategy"]["init_args"]
+    data = values["data"]["init_args"]
+    micro_batches = micro_batches_per_step(data.get("global_batch_size"), data["batch_size"], dims.dp)
+    check_layout(dims, arch, seq_len=seq_len, micro_batches=micro_batches, schedule=strategy["schedule"],
+                 stages_per_rank=strategy["stages_per_rank"], layout=strategy["layout"])
+
+
+def train_layout(config: Configs, overrides: list[str], out: Optional[str], ckpt_path: Optional[str] = None,
                  save_to: Optional[str] = None) -> dict[str, list[float]]:
     """Fit `config` with `overrides` in this process (one rank); rank 0 writes the losses to `out`."""
     from flm_lightning.cli import main
 
     resume = [f"--ckpt_path={ckpt_path}"] if ckpt_path else []
-    cli = main(["fit", "-c", config, *overrides, *resume])
+    cli = main(["fit", *config_args(config), *overrides, *resume])
     recorder = next(c for c in cli.trainer.callbacks if isinstance(c, LossRecorder))
     if save_to:
         cli.trainer.save_checkpoint(save_to)
@@ -89,7 +106,7 @@ def train_layout(config: str, overrides: list[str], out: Optional[str], ckpt_pat
     return recorder.losses
 
 
-def run_layout(config: str, dims: ParallelDims, extra: list[str], workdir: str, name: str,
+def run_layout(config: Configs, dims: ParallelDims, extra: list[str], workdir: str, name: str,
                ckpt_path: Optional[str] = None, save_to: Optional[str] = None) -> dict[str, list[float]]:
     """Train at `dims` in forked local ranks: {"train": per-step losses of the global batch, "val": [...]}."""
     out = Path(workdir) / f"{name}.json"
@@ -99,24 +116,35 @@ def run_layout(config: str, dims: ParallelDims, extra: list[str], workdir: str, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", required=True, help="a LightningCLI YAML config")
+    add_config_arguments(parser)
     parser.add_argument("--layouts", default="1x1x1,1x2x1,1x1x2,2x1x1", help="comma-separated PPxDPxTP layouts")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--global-batch", type=int, default=8, help="samples per step over all dp ranks")
-    parser.add_argument("--schedule", default="1f1b", help="pipeline schedule: gpipe, 1f1b, interleaved1f1b")
+    parser.add_argument("--schedule", default="1f1b", choices=SCHEDULES,
+                        help="the strategy's pipeline schedule (interleaved1f1b: 2 stages per rank)")
     parser.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step and rank when pp > 1")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--json", help="also write {layout: losses} here")
-    parser.add_argument("overrides", nargs="*", help="more --key=value overrides for the config (after --)")
+    parser.add_argument("overrides", nargs="*", help="more overrides after --, as --key=value (the same as --set)")
 
 
 def run(args: argparse.Namespace) -> None:
+    from flm_lightning.cli import config_override, load_config
+
     layouts = [(text, parse_layout(text)) for text in args.layouts.split(",")]
+    overrides = [config_override(item) for item in [*args.set, *args.overrides]]
+    extras = {text: layout_overrides(dims, args.global_batch, args.steps, args.schedule, args.micro_batches,
+                                     args.accelerator) + overrides for text, dims in layouts}
+    for text, dims in layouts:  # a bad config or layout is one error line here, not one per forked rank
+        config = load_config(args.config, extras[text])
+        try:
+            check_config_layout(config.values, config.arch, config.seq_len, dims)
+        except ConfigError as e:
+            raise ConfigError(f"layout {text}: {e}") from None
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="flm-layouts-") as workdir:
         for text, dims in layouts:
-            extra = layout_overrides(dims, args.global_batch, args.steps, args.schedule, args.micro_batches,
-                                     args.accelerator) + list(args.overrides)
+            extra = extras[text]
             print(f"running {text} ({dims}) ...", flush=True)
             results[text] = run_layout(args.config, dims, extra, workdir, text.replace("x", "_"))["train"]
     names = list(results)

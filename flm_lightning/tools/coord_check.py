@@ -14,13 +14,12 @@ import sys
 from pathlib import Path
 
 from flm_lightning.errors import ConfigError
-from flm_lightning.mup import MuPConfig
 from flm_lightning.mup_experiments import coord_check, parse_widths, plot_coord_check
-from flm_lightning.tools.configs import load_yaml, model_config_from_yaml
+from flm_lightning.tools.configs import add_config_arguments, shown
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", required=True, help="a config with model.arch and model.mup")
+    add_config_arguments(parser, help="a config with model.arch and model.mup")
     parser.add_argument("--widths", default="64,128,256,512", help="comma-separated hidden sizes")
     parser.add_argument("--steps", type=int, default=5, help="AdamW steps per width (default 5)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -29,25 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/coord_check", help="output folder (default runs/coord_check)")
 
 
-def mup_and_lr(config: str) -> tuple[MuPConfig, float]:
-    """The config's model.mup block and peak LR."""
-    model = load_yaml(config).get("model") or {}
-    if not isinstance(model, dict) or not isinstance(model.get("mup"), dict):
-        raise ConfigError(f"config file {config} has no model.mup section (see conf/mup_sweep.yaml)")
-    return MuPConfig(**model["mup"]), float((model.get("optim") or {}).get("lr", 3e-4))
-
-
 def run(args: argparse.Namespace) -> None:
-    arch, _ = model_config_from_yaml(args.config)
-    mup, lr = mup_and_lr(args.config)
+    from flm_lightning.cli import load_config
+
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-    result = coord_check(arch, mup, args.lr or lr, parse_widths(args.widths), steps=args.steps,
-                         batch_size=args.batch_size, seq_len=args.seq_len,
+    model = load_config(args.config, args.set).model
+    if model.mup_cfg is None:
+        raise ConfigError(f"config {shown(args.config)} has no model.mup section (see conf/mup_sweep.yaml)")
+    result = coord_check(model.arch, model.mup_cfg, args.lr or model.optim_cfg.lr, parse_widths(args.widths),
+                         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                          progress=lambda line: print(line, file=sys.stderr, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "coord_check.json").write_text(json.dumps({"config": args.config, **result}, indent=1))
+    (out / "coord_check.json").write_text(json.dumps({"config": shown(args.config), **result}, indent=1))
     plot_coord_check(result, str(out / "coord_check.png"))
     print(f"{'layer':<12} {'μP slope':>9} {'SP slope':>9}")
     for layer, slope in result["mup"]["slopes"].items():

@@ -2,7 +2,8 @@
 
 The way FLM-101B grew 16B -> 51B -> 101B: checkpoint surgery between two runs. The output is a
 full training checkpoint (weights, AdamW state, LR schedule, step, masks) that
-`python main.py fit -c TARGET.yaml --ckpt_path OUT` resumes; the masks ramp from 0 to 1 over
+`python main.py fit -c TARGET.yaml --ckpt_path OUT` resumes (TARGET: one or more `--config` files and
+`--set` overrides, read as main.py reads them); the masks ramp from 0 to 1 over
 --ramp-steps steps of that run, so the first loss equals the last loss before growing.
 
 The growth options are the fields of `GrowthSpec` (the same as a `GrowthCallback` stage's), spelled
@@ -23,17 +24,18 @@ import torch
 
 from flm_lightning.build import make_optimizer
 from flm_lightning.checkpoint import MODEL_PREFIX, arch_from_checkpoint, load_checkpoint, model_weights, write_atomic
+from flm_lightning.cli import config_override, load_config
 from flm_lightning.errors import ConfigError
 from flm_lightning.growth.state import GrowthSpec, GrowthState
 from flm_lightning.model import FLMTransformer
 from flm_lightning.mup import MuP, MuPConfig, with_base_width
 from flm_lightning.optim import OptimConfig
-from flm_lightning.tools.configs import model_config_from_yaml
+from flm_lightning.tools.configs import add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="a training checkpoint of the current stage")
-    parser.add_argument("--config", required=True, help="the next stage's config (its model.arch is the target)")
+    add_config_arguments(parser, help="the next stage's config (its model.arch is the target)")
     parser.add_argument("--out", required=True, help="checkpoint to write")
     hints = typing.get_type_hints(GrowthSpec)
     for f in fields(GrowthSpec):
@@ -51,12 +53,12 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise ConfigError(f"--out {out} exists; choose another path or pass --force")
+    target = load_config(args.config, args.set).arch
     ckpt = load_checkpoint(args.ckpt)
     hparams = ckpt["hyper_parameters"]
     arch = arch_from_checkpoint(ckpt, args.ckpt)
     optim_cfg = OptimConfig(**(hparams.get("optim") or {}))
     mup_cfg = MuPConfig(**hparams["mup"]) if hparams.get("mup") else None
-    target, _ = model_config_from_yaml(args.config)
     target = with_base_width(target, mup_cfg)
     spec = GrowthSpec(**{f.name: getattr(args, f.name) for f in fields(GrowthSpec)})
 
@@ -84,5 +86,6 @@ def run(args: argparse.Namespace) -> None:
     ckpt["flm_growth"] = growth.state_dict()
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, lambda f: torch.save(ckpt, f))
+    config = " ".join([*(f"-c {c}" for c in args.config), *(config_override(s) for s in args.set)])
     print(f"grew {sum(p.numel() for p in model.parameters()):,} -> {sum(p.numel() for p in grown.model.parameters()):,} "
-          f"parameters at step {step}; continue with: python main.py fit -c {args.config} --ckpt_path {out}")
+          f"parameters at step {step}; continue with: python main.py fit {config} --ckpt_path {out}")

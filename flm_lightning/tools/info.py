@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from flm_lightning.tools.configs import add_config_arguments, shown
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", required=True, help="a LightningCLI YAML config with model.arch")
+    add_config_arguments(parser, help="a LightningCLI YAML config with model.arch")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -17,20 +19,21 @@ def _billions(n: float) -> str:
 
 def run(args: argparse.Namespace) -> None:
     # Imported here: `--help` and argument errors answer without loading torch.
+    from flm_lightning.cli import load_config
     from flm_lightning.model import count_model
-    from flm_lightning.tools.configs import model_config_from_yaml
 
-    arch, seq_len = model_config_from_yaml(args.config)
-    size = count_model(arch, seq_len=seq_len)
+    config = load_config(args.config, args.set)
+    arch = config.arch
+    size = count_model(arch, seq_len=config.seq_len)
     if args.json:
-        print(json.dumps({"config": args.config, **size.to_dict(), "arch": arch.to_dict()}))
+        print(json.dumps({"config": shown(args.config), **size.to_dict(), "arch": arch.to_dict()}))
         return
     family = (
         f"{arch.norm}, {arch.activation}, {'bias' if arch.bias else 'no bias'}, {arch.position}, "
         f"{'tied' if arch.tie_embeddings else 'untied'}"
     )
     rows = [
-        ("config", args.config),
+        ("config", shown(args.config)),
         ("architecture", family),
         ("layers / heads / hidden / ffn", f"{arch.n_layers} / {arch.n_heads} / {arch.hidden_size} / {arch.ffn_size}"),
         ("vocab (padded)", f"{arch.vocab_size} ({arch.padded_vocab_size})"),

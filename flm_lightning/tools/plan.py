@@ -16,10 +16,10 @@ from typing import Any
 
 from flm_lightning.errors import ConfigError
 from flm_lightning.model import ModelConfig, count_model
+from flm_lightning.parallel.dims import SCHEDULES
 from flm_lightning.planner import (
     GIB,
     RECOMPUTE,
-    SCHEDULES,
     SHARDING,
     Hardware,
     Layout,
@@ -30,7 +30,7 @@ from flm_lightning.planner import (
     plan_schedule,
     rank_layouts,
 )
-from flm_lightning.tools.configs import load_yaml, model_config_from_yaml
+from flm_lightning.tools.configs import add_config_arguments, load_yaml, shown
 
 _SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
@@ -50,7 +50,7 @@ def parse_count(value: Any, name: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", help="a LightningCLI YAML config with model.arch")
+    add_config_arguments(parser, required=False, help="a LightningCLI YAML config with model.arch")
     parser.add_argument("--schedule", help="a growth schedule YAML (see conf/plans/)")
     parser.add_argument("--gpus", type=int, help="number of GPUs")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
@@ -63,8 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--microbatch", type=int, help="sequences per micro-batch")
     parser.add_argument("--recompute", choices=RECOMPUTE)
     parser.add_argument("--sharding", choices=SHARDING, default="distributed-optimizer")
-    parser.add_argument("--pp-schedule", choices=SCHEDULES, default="1f1b")
-    parser.add_argument("--virtual-stages", type=int, default=1)
+    parser.add_argument("--pp-schedule", choices=SCHEDULES, default="1f1b",
+                        help="the strategy's schedule (trainer.strategy.init_args.schedule)")
+    parser.add_argument("--stages-per-rank", type=int, default=1,
+                        help="pipeline stages per rank, >= 2 for interleaved1f1b (trainer.strategy.init_args."
+                             "stages_per_rank)")
     parser.add_argument("--global-batch", type=int, default=1024, help="sequences per optimizer step (default 1024)")
     parser.add_argument("--seq-len", type=int, help="default: the config's data.seq_len or max_seq_len")
     parser.add_argument("--tokens", default="0", help="training tokens, e.g. 2T or 26.54e9")
@@ -83,8 +86,11 @@ def run(args: argparse.Namespace) -> None:
         result = plan_schedule(load_schedule(args.schedule))
         print(json.dumps(result, indent=1) if args.json else format_schedule(result))
         return
-    arch, data_seq = model_config_from_yaml(args.config)
-    seq_len = args.seq_len or data_seq or arch.max_seq_len
+    from flm_lightning.cli import load_config
+
+    config = load_config(args.config, args.set)
+    arch, name = config.arch, shown(args.config)
+    seq_len = args.seq_len or config.seq_len or arch.max_seq_len
     for name, value in (("--gpus", args.gpus), ("--global-batch", args.global_batch), ("--seq-len", seq_len)):
         if value is None or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value}")
@@ -92,34 +98,46 @@ def run(args: argparse.Namespace) -> None:
     workload = Workload(args.global_batch, seq_len, parse_count(args.tokens, "--tokens"), args.precision, not args.no_flash)
     fixed = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp), ("micro_batch", args.microbatch),
                                ("recompute", args.recompute)) if v is not None}
-    fixed.update(sharding=args.sharding, schedule=args.pp_schedule, virtual_stages=args.virtual_stages)
+    fixed.update(sharding=args.sharding, schedule=args.pp_schedule, stages_per_rank=args.stages_per_rank)
     size = count_model(arch, seq_len)
     if args.tp and args.pp:
         dp = args.dp or args.gpus // (args.tp * args.pp)
         layout = Layout(args.tp, args.pp, dp, args.microbatch or 1, args.recompute or "none", args.sharding,
-                        args.pp_schedule, args.virtual_stages)
+                        args.pp_schedule, args.stages_per_rank)
         if layout.gpus != args.gpus:
             raise ConfigError(f"tp x pp x dp = {layout.gpus} does not equal --gpus {args.gpus}")
         plan = plan_run(arch, layout, workload, hardware, size)
         if args.json:
-            print(json.dumps({"config": args.config, "parameters": size.parameters, **plan.to_dict()}, indent=1))
+            print(json.dumps({"config": name, "parameters": size.parameters, **plan.to_dict()}, indent=1))
         else:
-            print(format_plan(args.config, size.parameters, plan, workload, hardware))
+            print(format_plan(name, size.parameters, plan, workload, hardware))
         return
     plans = rank_layouts(arch, args.gpus, workload, hardware, fixed)
     if args.json:
-        print(json.dumps({"config": args.config, "parameters": size.parameters, "fitting": [p.to_dict() for p in plans]}, indent=1))
+        print(json.dumps({"config": name, "parameters": size.parameters, "fitting": [p.to_dict() for p in plans]},
+                         indent=1))
     else:
-        print(format_ranking(args.config, size.parameters, plans[: args.top], len(plans), args.gpus, hardware))
+        print(format_ranking(name, size.parameters, plans[: args.top], len(plans), args.gpus, hardware))
 
 
 # ---- growth schedules ---------------------------------------------------------------------
+def _arch(here: Path, value: Any, where: str) -> ModelConfig:
+    """The model.arch of a schedule's `config`: one file or a list of overlays (relative to the schedule), read
+    as main.py reads them."""
+    from flm_lightning.cli import load_config
+
+    files = value if isinstance(value, list) else [value]
+    if not files or not all(isinstance(f, str) for f in files):
+        raise ConfigError(f"{where} must be a config file or a list of them")
+    return load_config([str(here / f) for f in files]).arch
+
+
 def load_schedule(path: str) -> list[Stage]:
     data = load_yaml(path)
     here = Path(path).parent
     base_arch = None
     if data.get("base_config"):
-        base_arch, _ = model_config_from_yaml(here / data["base_config"])
+        base_arch = _arch(here, data["base_config"], f"{path}: base_config")
     hardware = Hardware(**_mapping(data, "hardware", path))
     workload = _mapping(data, "workload", path)
     stages = data.get("stages")
@@ -130,7 +148,7 @@ def load_schedule(path: str) -> list[Stage]:
         where = f"{path}: stages[{i}]"
         if not isinstance(entry, dict) or "tokens" not in entry:
             raise ConfigError(f"{where} must be a mapping with at least 'tokens'")
-        arch = model_config_from_yaml(here / entry["config"])[0] if entry.get("config") else base_arch
+        arch = _arch(here, entry["config"], f"{where}.config") if entry.get("config") else base_arch
         if arch is None:
             raise ConfigError(f"{where} has no 'config' and the schedule no 'base_config'")
         arch = ModelConfig.from_dict({**arch.to_dict(), **_mapping(entry, "arch", where)})

@@ -5,8 +5,9 @@ Inputs, one of:
                          `model/non_embedding_parameters` scalar (logged by the trainer at the start
                          of fit); the loss is `--tag` (default val/loss) at `--at-step`.
   --csv FILE             columns params,loss or params,step,loss.
-  --sweep -c CONFIG      train the config at each of `--widths` with the trainer itself
-                         (`main.py fit`, logs under `--out`/runs), then read those logs.
+  --sweep -c CONFIG      train the config (more `-c` overlays and `--set` overrides as in main.py) at
+                         each of `--widths` with the trainer itself (`main.py fit`, logs under
+                         `--out`/runs), then read those logs.
 `--holdout K` leaves the K largest runs out of the fit (default 1 with --sweep); the largest is
 then the target, and its loss the actual one. Otherwise the target is `--target CONFIG` or
 `--target-params N`; `--actual` gives its known loss. Writes predict_loss.png and .json under --out.
@@ -20,13 +21,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 from unittest.mock import patch
 
 from flm_lightning.errors import ConfigError, DataError
 from flm_lightning.model import count_model
 from flm_lightning.mup_experiments import at_width, fit_power_law, parse_widths, plot_prediction, power_law
-from flm_lightning.tools.configs import model_config_from_yaml
+from flm_lightning.tools.configs import add_config_arguments
 
 PARAMS_TAG = "model/non_embedding_parameters"
 
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--runs", nargs="+", help="TensorBoard log folders of finished runs")
     source.add_argument("--csv", help="a CSV with columns params,loss or params,step,loss")
     source.add_argument("--sweep", action="store_true", help="train -c CONFIG at each of --widths first")
-    parser.add_argument("-c", "--config", help="the config to sweep (with --sweep)")
+    add_config_arguments(parser, required=False, help="the config to sweep (with --sweep)")
     parser.add_argument("--widths", default="32,64,96,128,192,256", help="sweep widths (with --sweep)")
     parser.add_argument("--steps", type=int, default=None, help="sweep: trainer.max_steps (default the config's)")
     parser.add_argument("--holdout", type=int, default=None,
@@ -46,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--at-step", type=int, default=None,
                         help="the logged step to read (default the last step every run logged)")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--target", help="a config whose model to predict")
+    target.add_argument("--target", action="append", metavar="CONFIG",
+                        help="a config whose model to predict (repeat to overlay more files)")
     target.add_argument("--target-params", type=float, help="non-embedding parameters of the model to predict")
     parser.add_argument("--actual", type=float, default=None, help="the target's known loss, for the error")
     parser.add_argument("--out", default="runs/predict_loss", help="output folder (sweep logs go under it too)")
@@ -113,11 +115,14 @@ def read_runs(roots: list[str], tag: str, at_step: Optional[int]) -> tuple[list[
 
 
 # ---- the sweep ----------------------------------------------------------------------------------
-def sweep(config: str, widths: list[int], steps: Optional[int], out: Path) -> list[Path]:
-    """Train `config` at each width with the trainer's CLI (`main.py fit`); a finished run is reused."""
+def sweep(configs: Sequence[str], widths: list[int], steps: Optional[int], out: Path,
+          overrides: Sequence[str] = ()) -> list[Path]:
+    """Train the config (`configs` overlaid, then `overrides`) at each width with the trainer's CLI (`main.py fit`);
+    a finished run is reused."""
+    from flm_lightning.cli import config_override, load_config
     from flm_lightning.cli import main as fit
 
-    arch, _ = model_config_from_yaml(config)
+    arch = load_config(configs, overrides).arch
     dirs = []
     for width in widths:
         wide = at_width(arch, width)
@@ -129,7 +134,8 @@ def sweep(config: str, widths: list[int], steps: Optional[int], out: Path) -> li
         start = time.perf_counter()
         print(f"width {width}: training {count_model(wide).non_embedding_parameters:,} non-embedding parameters",
               file=sys.stderr, flush=True)
-        args = ["fit", "-c", config, f"--model.arch.hidden_size={width}", f"--model.arch.n_heads={wide.n_heads}",
+        args = ["fit", *(arg for c in configs for arg in ("-c", c)), *(config_override(o) for o in overrides),
+                f"--model.arch.hidden_size={width}", f"--model.arch.n_heads={wide.n_heads}",
                 f"--model.arch.head_dim={wide.head_dim}", f"--trainer.logger.init_args.save_dir={out / 'runs'}",
                 f"--trainer.logger.init_args.name=width{width}", "--trainer.logger.init_args.version="]
         if wide.ffn_hidden_size is not None:
@@ -160,11 +166,15 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     target_params, actual = args.target_params, args.actual
     if args.target:
-        target_params = count_model(model_config_from_yaml(args.target)[0]).non_embedding_parameters
+        from flm_lightning.cli import load_config
+
+        target_params = count_model(load_config(args.target).arch).non_embedding_parameters
+    if (args.config or args.set) and not args.sweep:
+        raise ConfigError("-c CONFIG and --set go with --sweep (the model to predict is --target CONFIG)")
     if args.sweep:
         if not args.config:
             raise ConfigError("--sweep needs -c CONFIG")
-        roots = [str(d) for d in sweep(args.config, parse_widths(args.widths), args.steps, out)]
+        roots = [str(d) for d in sweep(args.config, parse_widths(args.widths), args.steps, out, args.set)]
         points, step = read_runs(roots, args.tag, args.at_step)
     elif args.csv:
         points, step = read_csv(args.csv, args.at_step)
