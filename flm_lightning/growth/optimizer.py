@@ -26,7 +26,8 @@ def transfer_adam_state(
     exp_avg / exp_avg_sq: the old values in the leading block, zeros elsewhere. The step count
     is per tensor in torch's AdamW: "keep" gives every tensor the step of its source (fresh
     tensors the largest step seen), "reset_new" gives tensors with no source step 0. Note
-    (DESIGN.md): with the step kept and zero moments, a new entry's first update is about
+    (docs/growth.md, "Optimizer and learning rate"): with the step kept and zero moments, a new entry's
+    first update is about
     lr (1 - b1) / sqrt(1 - b2) in size.
     """
     if step_policy not in STEP_POLICIES:

@@ -23,8 +23,8 @@ PositionTables = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
 class RotaryEmbedding(nn.Module):
     """RoPE or xPos tables (non-persistent fp32 buffers), in the rotate-half layout of Llama.
 
-    xPos (Sun et al. 2022; DESIGN.md section 2): pair j of a head of width D gets
-    zeta_j = (2j/D + 0.4) / 1.4; a query at position n is scaled by zeta^((n-c)/B), a key at
+    xPos (Sun et al. 2022, "A Length-Extrapolatable Transformer"; docs/design.md, "Model"): pair j
+    of a head of width D gets zeta_j = (2j/D + 0.4) / 1.4; a query at position n is scaled by zeta^((n-c)/B), a key at
     position m by zeta^(-(m-c)/B), so the score carries zeta^((n-m)/B). The centre
     c = max_seq_len // 2 cancels in every score; it keeps each factor within e^(+-80) over every
     position the config allows (`ModelConfig` refuses a max_seq_len for which it would not). The
