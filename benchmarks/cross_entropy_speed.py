@@ -33,8 +33,15 @@ def measure(fn, logits: torch.Tensor, targets: torch.Tensor, repeats: int) -> tu
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
     walls, cpus = walls[1:], cpus[1:]
-    return ({"wall_ms": 1e3 * statistics.median(walls), "wall_min_ms": 1e3 * min(walls),
-             "cpu_ms": 1e3 * statistics.median(cpus)}, loss.detach(), x.grad)
+    return (
+        {
+            "wall_ms": 1e3 * statistics.median(walls),
+            "wall_min_ms": 1e3 * min(walls),
+            "cpu_ms": 1e3 * statistics.median(cpus),
+        },
+        loss.detach(),
+        x.grad,
+    )
 
 
 def main() -> None:
@@ -52,21 +59,29 @@ def main() -> None:
     try:
         for dtype in (torch.float32, torch.bfloat16):
             logits = base.to(dtype)
-            plain, ref_loss, ref_grad = measure(lambda x, t: F.cross_entropy(x.float(), t, reduction="none"),
-                                                logits, targets, args.repeats)
-            print(f"{str(dtype):15s} F.cross_entropy(fp32 copy)   {plain['wall_ms']:8.1f} ms (min {plain['wall_min_ms']:.1f})"
-                  f"  cpu {plain['cpu_ms']:8.1f} ms")
+            plain, ref_loss, ref_grad = measure(
+                lambda x, t: F.cross_entropy(x.float(), t, reduction="none"), logits, targets, args.repeats
+            )
+            print(
+                f"{str(dtype):15s} F.cross_entropy(fp32 copy)   {plain['wall_ms']:8.1f} ms "
+                f"(min {plain['wall_min_ms']:.1f})"
+                f"  cpu {plain['cpu_ms']:8.1f} ms"
+            )
             for power in (16, 17, 18, 19, 20, 22, 24):
                 objective.LEAN_CE_CHUNK_ELEMENTS["cpu"] = 2**power
                 res, loss, grad = measure(objective.LeanCrossEntropy.apply, logits, targets, args.repeats)
                 loss_err = (loss - ref_loss).abs().max().item()
                 grad_err = (grad.float() - ref_grad.float()).abs().max().item()
                 if loss_err > 1e-4 or grad_err > 2**-7:
-                    raise SystemExit(f"LeanCrossEntropy with chunks of 2**{power}: |loss diff| {loss_err:.2e}, "
-                                     f"|grad diff| {grad_err:.2e} against F.cross_entropy")
+                    raise SystemExit(
+                        f"LeanCrossEntropy with chunks of 2**{power}: |loss diff| {loss_err:.2e}, "
+                        f"|grad diff| {grad_err:.2e} against F.cross_entropy"
+                    )
                 mark = "  <- default" if 2**power == saved["cpu"] else ""
-                print(f"{str(dtype):15s} LeanCrossEntropy chunk 2**{power:<2d}   {res['wall_ms']:8.1f} ms "
-                      f"(min {res['wall_min_ms']:.1f})  cpu {res['cpu_ms']:8.1f} ms{mark}")
+                print(
+                    f"{str(dtype):15s} LeanCrossEntropy chunk 2**{power:<2d}   {res['wall_ms']:8.1f} ms "
+                    f"(min {res['wall_min_ms']:.1f})  cpu {res['cpu_ms']:8.1f} ms{mark}"
+                )
     finally:
         objective.LEAN_CE_CHUNK_ELEMENTS.clear()
         objective.LEAN_CE_CHUNK_ELEMENTS.update(saved)

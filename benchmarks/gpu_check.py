@@ -25,14 +25,24 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
-SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-                "math": "MATH"}
-WHY_NO_FLASH = ("PyPI has flash-attn only as a source archive (it needs nvcc and a long build); "
-                "see docs/performance.md, 'GPU: prepared, not yet run'")
-WHY_NO_TE = ("transformer-engine-torch is a source archive on PyPI and the CUDA 13 core wheel is 276 MB, "
-             "beyond the 64 MiB carry; see docs/performance.md")
-WHY_NO_FA4 = ("flash-attn 4 (flash_attn.cute) has no wheel on PyPI (flash-attn-cute 0.0.1 is a placeholder) and "
-              "its nvidia-cutlass-dsl libraries are about 92 MB per CUDA version; this project has no fa4 backend")
+SDPA_KERNELS = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
+}
+WHY_NO_FLASH = (
+    "PyPI has flash-attn only as a source archive (it needs nvcc and a long build); "
+    "see docs/performance.md, 'GPU: prepared, not yet run'"
+)
+WHY_NO_TE = (
+    "transformer-engine-torch is a source archive on PyPI and the CUDA 13 core wheel is 276 MB, "
+    "beyond the 64 MiB carry; see docs/performance.md"
+)
+WHY_NO_FA4 = (
+    "flash-attn 4 (flash_attn.cute) has no wheel on PyPI (flash-attn-cute 0.0.1 is a placeholder) and "
+    "its nvidia-cutlass-dsl libraries are about 92 MB per CUDA version; this project has no fa4 backend"
+)
 
 
 # ---- wheels -----------------------------------------------------------------------------------
@@ -74,8 +84,21 @@ def install_wheels(wheel_dir: str, target: str) -> None:
     os.makedirs(target, exist_ok=True)
     pip = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True)
     if pip.returncode == 0:
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                               "--disable-pip-version-check", "--target", target, *missing])
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--target",
+                target,
+                *missing,
+            ]
+        )
         if done.returncode == 0:
             return
         print("pip install failed; unzipping the wheels instead")
@@ -130,8 +153,15 @@ def backend_rows(device, dtype) -> list[tuple[str, bool, str]]:
     """(backend, usable, reason or detail) for every attention implementation the check knows."""
     from flm_lightning.model.attention import unavailable_reason
 
-    rows = [("sdpa", True, f"default kernel {default_sdpa_kernel(device, dtype)} for bf16 causal B4 H16 T2048 D128"
-             if device.type == "cuda" else "runs everywhere")]
+    rows = [
+        (
+            "sdpa",
+            True,
+            f"default kernel {default_sdpa_kernel(device, dtype)} for bf16 causal B4 H16 T2048 D128"
+            if device.type == "cuda"
+            else "runs everywhere",
+        )
+    ]
     for kernel in ("flash", "cudnn", "efficient"):
         reason = sdpa_kernel_reason(kernel, device, dtype)
         detail = reason or f"torch.nn.attention.sdpa_kernel({SDPA_KERNELS[kernel]})"
@@ -146,8 +176,15 @@ def backend_rows(device, dtype) -> list[tuple[str, bool, str]]:
         reason = unavailable_reason(backend, device, dtype, masked=False)
         rows.append((backend, reason is None, reason or f"{module} imports"))
     reason = _import_reason("flash_attn.cute")
-    rows.append(("fa4", False, f"cannot import flash_attn.cute: {reason} ({WHY_NO_FA4})" if reason else
-                 "flash_attn.cute imports, but the project has no fa4 attention backend yet"))
+    rows.append(
+        (
+            "fa4",
+            False,
+            f"cannot import flash_attn.cute: {reason} ({WHY_NO_FA4})"
+            if reason
+            else "flash_attn.cute imports, but the project has no fa4 attention backend yet",
+        )
+    )
     return rows
 
 
@@ -188,15 +225,26 @@ def cmd_env(out: str, dry_run: bool) -> int:
         return 2
     device = torch.device("cuda" if cuda and not dry_run else "cpu")
     dtype = torch.bfloat16
-    info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if cuda else None, "device": str(device),
-            "dry_run": dry_run, "threads": torch.get_num_threads()}
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "device": str(device),
+        "dry_run": dry_run,
+        "threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         from flm_lightning.callbacks.throughput import device_peak_tflops
 
-        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", memory_gib=props.total_memory / 2**30,
-                    spec_peak_tflops=device_peak_tflops(device), driver=_driver())
+        info.update(
+            gpu=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=props.total_memory / 2**30,
+            spec_peak_tflops=device_peak_tflops(device),
+            driver=_driver(),
+        )
     for name in ("lightning", "jsonargparse", "torchmetrics", "transformers", "tokenizers", "tensorboard", "numpy"):
         info[name] = installed_version(name)
     info["requirement_problems"] = requirement_problems()
@@ -218,8 +266,12 @@ def cmd_env(out: str, dry_run: bool) -> int:
 
 def _driver() -> Optional[str]:
     try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=20)
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         return done.stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -347,24 +399,32 @@ def cmd_summary(out: str) -> int:
     lines = ["# GPU check summary", ""]
     if env:
         where = env.get("gpu") or env.get("device")
-        lines.append(f"Device {where} (capability {env.get('capability', '-')}, driver {env.get('driver', '-')}); "
-                     f"Python {env.get('python')}, torch {env.get('torch')}, CUDA {env.get('cuda')}, "
-                     f"cuDNN {env.get('cudnn')}, Lightning {env.get('lightning')}"
-                     + ("; **CPU dry run: numbers are plumbing only**" if env.get("dry_run") else "") + ".")
+        lines.append(
+            f"Device {where} (capability {env.get('capability', '-')}, driver {env.get('driver', '-')}); "
+            f"Python {env.get('python')}, torch {env.get('torch')}, CUDA {env.get('cuda')}, "
+            f"cuDNN {env.get('cudnn')}, Lightning {env.get('lightning')}"
+            + ("; **CPU dry run: numbers are plumbing only**" if env.get("dry_run") else "")
+            + "."
+        )
         if env.get("requirement_problems"):
             lines.append(f"Unmet project requirements: {'; '.join(env['requirement_problems'])}.")
     if measured:
         spec = env.get("spec_peak_tflops")
-        lines.append(f"Measured dense bf16 matmul: {measured:.4g} TFLOP/s"
-                     + (f" (spec peak used for MFU: {spec:g})" if spec else "") + ".")
+        lines.append(
+            f"Measured dense bf16 matmul: {measured:.4g} TFLOP/s"
+            + (f" (spec peak used for MFU: {spec:g})" if spec else "")
+            + "."
+        )
     lines += ["", "## Stages", "", "| stage | status | seconds | limit s | log / note |", "|---|---|---|---|---|"]
     for row in _stage_rows(out):
         lines.append("| " + " | ".join(row) + " |")
     backends = env.get("backends") or []
     if backends:
         lines += ["", "## Attention backends", "", "| backend | usable | detail |", "|---|---|---|"]
-        lines += [f"| {b['backend']} | {'yes' if b['usable'] else '**no**'} | {b['detail'].replace('|', '/')} |"
-                  for b in backends]
+        lines += [
+            f"| {b['backend']} | {'yes' if b['usable'] else '**no**'} | {b['detail'].replace('|', '/')} |"
+            for b in backends
+        ]
     lines += _parity_section(out)
     lines += _bench_section(out, measured)
     lines += _fit_section(out)
@@ -391,9 +451,14 @@ def _parity_section(out: str) -> list[str]:
     parity = _load(os.path.join(out, "parity.json"))
     if not parity:
         return []
-    lines = ["", f"## Attention parity ({parity.get('dtype')} inputs on {parity.get('device')}, "
-             f"shape {parity.get('shape')}, reference: math attention in fp32)", "",
-             "| backend | position | max abs out | max abs grad | note |", "|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"## Attention parity ({parity.get('dtype')} inputs on {parity.get('device')}, "
+        f"shape {parity.get('shape')}, reference: math attention in fp32)",
+        "",
+        "| backend | position | max abs out | max abs grad | note |",
+        "|---|---|---|---|---|",
+    ]
     for r in parity.get("rows", []):
         if "max_abs_out" in r:
             lines.append(f"| {r['backend']} | {r['position']} | {r['max_abs_out']:.3e} | {r['max_abs_grad']:.3e} | |")
@@ -412,10 +477,15 @@ def _bench_section(out: str, measured: Optional[float]) -> list[str]:
             results.append((Path(path).stem, r, _load(path[:-5] + ".mem.json") or {}))
     if not results:
         return []
-    lines = ["", "## Throughput (`python -m flm_lightning bench`, medians over repeats)", "",
-             "| run | trainer tok/s | loop tok/s | trainer/loop | MFU trainer (spec) | MFU loop (spec) "
-             "| MFU trainer (measured matmul) | peak GiB trainer | peak GiB loop | GiB allocated at run starts "
-             "| graph breaks | recompiles |", "|---" * 12 + "|"]
+    lines = [
+        "",
+        "## Throughput (`python -m flm_lightning bench`, medians over repeats)",
+        "",
+        "| run | trainer tok/s | loop tok/s | trainer/loop | MFU trainer (spec) | MFU loop (spec) "
+        "| MFU trainer (measured matmul) | peak GiB trainer | peak GiB loop | GiB allocated at run starts "
+        "| graph breaks | recompiles |",
+        "|---" * 12 + "|",
+    ]
     for name, r, mem in results:
         trainer, loop = _median(r["trainer_tokens_per_sec"]), _median(r["loop_tokens_per_sec"])
         mfu_t = f"{r['trainer_mfu']:.1%}" if "trainer_mfu" in r else "n/a"
@@ -426,18 +496,22 @@ def _bench_section(out: str, measured: Optional[float]) -> list[str]:
         log = os.path.join(out, "logs", f"{name}.log")
         breaks = _count(log, r"(?i)graph break") if "compiled" in name else None
         recompiles = _count(log, r"Recompiling function") if "compiled" in name else None
-        lines.append(f"| {name} | {trainer:,.0f} | {loop:,.0f} | {r['median_ratio']:.3f} | {mfu_t} | {mfu_l} | {mfu_m} "
-                     f"| {_gib(r.get('trainer_peak_memory_bytes'))} | {_gib(r.get('loop_peak_memory_bytes'))} "
-                     f"| {starts} | {'-' if breaks is None else breaks} "
-                     f"| {'-' if recompiles is None else recompiles} |")
+        lines.append(
+            f"| {name} | {trainer:,.0f} | {loop:,.0f} | {r['median_ratio']:.3f} | {mfu_t} | {mfu_l} | {mfu_m} "
+            f"| {_gib(r.get('trainer_peak_memory_bytes'))} | {_gib(r.get('loop_peak_memory_bytes'))} "
+            f"| {starts} | {'-' if breaks is None else breaks} "
+            f"| {'-' if recompiles is None else recompiles} |"
+        )
     first = results[0][1]
     lines.append("")
-    lines.append(f"Config {first['config']}: {first['parameters'] / 1e6:.1f}M parameters, "
-                 f"batch {first['batch_size']} x "
-                 f"seq {first['seq_len']}, {first['precision']}, {first['steps']} timed steps after {first['warmup']}, "
-                 f"{first['repeats']} repeat(s). Peak memory is CUDA max_memory_allocated of each run (on CPU: "
-                 "resident memory above the start); 'allocated at run starts' is what earlier runs in the same "
-                 "process left (included in the peaks).")
+    lines.append(
+        f"Config {first['config']}: {first['parameters'] / 1e6:.1f}M parameters, "
+        f"batch {first['batch_size']} x "
+        f"seq {first['seq_len']}, {first['precision']}, {first['steps']} timed steps after {first['warmup']}, "
+        f"{first['repeats']} repeat(s). Peak memory is CUDA max_memory_allocated of each run (on CPU: "
+        "resident memory above the start); 'allocated at run starts' is what earlier runs in the same "
+        "process left (included in the peaks)."
+    )
     return lines
 
 
@@ -450,17 +524,23 @@ def _fit_section(out: str) -> list[str]:
         scalars = _tensorboard_scalars(folder)
         mem = _load(os.path.join(out, "logs", f"{name}.mem.json")) or {}
         if not lines:
-            lines = ["", "## `python main.py fit` under FLMParallelStrategy 1x1x1 "
-                     "(FSDP2, bf16 params, fp32 reduce)", "",
-                     "| run | steps logged | first loss | last loss | tokens/s (last) | MFU (last) | max GiB allocated "
-                     "| TensorBoard |", "|---|---|---|---|---|---|---|---|"]
+            lines = [
+                "",
+                "## `python main.py fit` under FLMParallelStrategy 1x1x1 (FSDP2, bf16 params, fp32 reduce)",
+                "",
+                "| run | steps logged | first loss | last loss | tokens/s (last) | MFU (last) | max GiB allocated "
+                "| TensorBoard |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
         loss = scalars.get("train/loss", [])
         tps, mfu = scalars.get("throughput/tokens_per_sec", []), scalars.get("throughput/mfu", [])
         events = sorted(glob.glob(os.path.join(folder, "**", "events.out.tfevents.*"), recursive=True))
-        lines.append(f"| {name} | {len(loss)} | {loss[0][1] if loss else float('nan'):.4f} "
-                     f"| {loss[-1][1] if loss else float('nan'):.4f} | {tps[-1][1] if tps else float('nan'):,.0f} "
-                     f"| {f'{mfu[-1][1]:.1%}' if mfu else 'n/a'} | {_gib(mem.get('max_memory_allocated_bytes'))} "
-                     f"| {os.path.relpath(events[0], out) if events else 'none'} |")
+        lines.append(
+            f"| {name} | {len(loss)} | {loss[0][1] if loss else float('nan'):.4f} "
+            f"| {loss[-1][1] if loss else float('nan'):.4f} | {tps[-1][1] if tps else float('nan'):,.0f} "
+            f"| {f'{mfu[-1][1]:.1%}' if mfu else 'n/a'} | {_gib(mem.get('max_memory_allocated_bytes'))} "
+            f"| {os.path.relpath(events[0], out) if events else 'none'} |"
+        )
     return lines
 
 

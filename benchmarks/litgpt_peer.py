@@ -61,9 +61,14 @@ CHECKPOINT_CALLBACKS = ("ModelCheckpoint", "PreemptionCheckpoint")
 PRECISIONS = ("32-true", "bf16-mixed")
 # The 5.3M-parameter Llama shape of issue 20 on conf/tiny.yaml (its 4 layers).
 DEFAULT_SETS = (
-    "model.arch.hidden_size=256", "model.arch.n_heads=4", "model.arch.ffn_hidden_size=704",
-    "model.arch.vocab_size=4096", "model.arch.max_seq_len=256",
-    "data.init_args.vocab_size=4096", "data.init_args.seq_len=256", "data.init_args.batch_size=8",
+    "model.arch.hidden_size=256",
+    "model.arch.n_heads=4",
+    "model.arch.ffn_hidden_size=704",
+    "model.arch.vocab_size=4096",
+    "model.arch.max_seq_len=256",
+    "data.init_args.vocab_size=4096",
+    "data.init_args.seq_len=256",
+    "data.init_args.batch_size=8",
 )
 
 
@@ -128,49 +133,65 @@ def litgpt_parameter_count(cfg: dict, tie_embeddings: bool = False) -> int:
     return vocab * d + cfg["n_layer"] * block + norm + head
 
 
-_ITER_LINE = re.compile(r"iter (?P<iter>\d+) step (?P<step>\d+) \| loss train: (?P<loss>[-\d.naif]+),.*?"
-                        r"iter time: (?P<ms>[\d.]+) ms")
+_ITER_LINE = re.compile(
+    r"iter (?P<iter>\d+) step (?P<step>\d+) \| loss train: (?P<loss>[-\d.naif]+),.*?"
+    r"iter time: (?P<ms>[\d.]+) ms"
+)
 _PARAMS_LINE = re.compile(r"Total parameters: (?P<n>[\d,]+)")
 
 
 def parse_litgpt_log(text: str) -> dict:
     """LitGPT pretrain's console output: the parameter count and every per-iteration line."""
     params = _PARAMS_LINE.search(text)
-    iters = [{"iter": int(m["iter"]), "step": int(m["step"]), "loss": float(m["loss"]),
-              "iter_time_ms": float(m["ms"])} for m in _ITER_LINE.finditer(text)]
+    iters = [
+        {"iter": int(m["iter"]), "step": int(m["step"]), "loss": float(m["loss"]), "iter_time_ms": float(m["ms"])}
+        for m in _ITER_LINE.finditer(text)
+    ]
     return {"parameters": int(params["n"].replace(",", "")) if params else None, "iters": iters}
 
 
 def clock_throughput(record: dict, warmup: int, steps: int, tokens_per_step: int) -> dict:
     """Tokens/s by wall clock and by process CPU time between the starts of step `warmup` and `warmup + steps`."""
     if len(record["wall"]) <= warmup + steps:
-        raise PeerError(f"{record.get('side', '?')}: clocked {len(record['wall'])} step starts, "
-                        f"need {warmup + steps + 1}")
+        raise PeerError(
+            f"{record.get('side', '?')}: clocked {len(record['wall'])} step starts, need {warmup + steps + 1}"
+        )
     tokens = steps * tokens_per_step
     wall = record["wall"][warmup + steps] - record["wall"][warmup]
     cpu = record["cpu"][warmup + steps] - record["cpu"][warmup]
-    return {"tokens_per_sec": tokens / wall, "tokens_per_cpu_sec": tokens / cpu,
-            "timed_wall_s": wall, "timed_cpu_s": cpu}
+    return {
+        "tokens_per_sec": tokens / wall,
+        "tokens_per_cpu_sec": tokens / cpu,
+        "timed_wall_s": wall,
+        "timed_cpu_s": cpu,
+    }
 
 
 def spread(values: Sequence[float]) -> dict:
     """Median, min, max and interquartile range (as `python -m flm_lightning bench`)."""
     ordered = sorted(values)
     quartiles = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 3
-    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1],
-            "iqr": quartiles[2] - quartiles[0]}
+    return {
+        "median": statistics.median(ordered),
+        "min": ordered[0],
+        "max": ordered[-1],
+        "iqr": quartiles[2] - quartiles[0],
+    }
 
 
 def summarize(ours: Sequence[dict], litgpt: Sequence[dict]) -> dict:
     """Spread of each side's tokens/s (wall and CPU time) and of the paired ratios ours / LitGPT."""
-    ratios = [o["tokens_per_sec"] / l["tokens_per_sec"] for o, l in zip(ours, litgpt)]
-    cpu_ratios = [o["tokens_per_cpu_sec"] / l["tokens_per_cpu_sec"] for o, l in zip(ours, litgpt)]
+    ratios = [o["tokens_per_sec"] / p["tokens_per_sec"] for o, p in zip(ours, litgpt)]
+    cpu_ratios = [o["tokens_per_cpu_sec"] / p["tokens_per_cpu_sec"] for o, p in zip(ours, litgpt)]
     return {
         "ours": spread([r["tokens_per_sec"] for r in ours]),
         "litgpt": spread([r["tokens_per_sec"] for r in litgpt]),
         "ours_cpu": spread([r["tokens_per_cpu_sec"] for r in ours]),
         "litgpt_cpu": spread([r["tokens_per_cpu_sec"] for r in litgpt]),
-        "ratio": spread(ratios), "cpu_ratio": spread(cpu_ratios), "ratios": ratios, "cpu_ratios": cpu_ratios,
+        "ratio": spread(ratios),
+        "cpu_ratio": spread(cpu_ratios),
+        "ratios": ratios,
+        "cpu_ratios": cpu_ratios,
     }
 
 
@@ -207,25 +228,38 @@ def shape_of(values: dict) -> SimpleNamespace:
     if seq > arch.max_seq_len:
         raise PeerError(f"data.seq_len={seq} > model.arch.max_seq_len={arch.max_seq_len}")
     if optim.decay != "cosine" or optim.decay_steps is not None:
-        raise PeerError("model.optim: LitGPT pretrain decays by cosine over the whole run "
-                        "(decay: cosine, no decay_steps)")
+        raise PeerError(
+            "model.optim: LitGPT pretrain decays by cosine over the whole run (decay: cosine, no decay_steps)"
+        )
     clip = trainer.get("gradient_clip_val")
     if not clip or (trainer.get("gradient_clip_algorithm") or "norm") != "norm":
         raise PeerError("trainer.gradient_clip_val: LitGPT pretrain requires clipping by norm (max_norm)")
-    return SimpleNamespace(arch=arch, optim=optim, seq_len=seq, batch_size=batch, clip=float(clip),
-                           seed=int(values.get("seed_everything") or 0),
-                           log_every=int(trainer.get("log_every_n_steps") or 50))
+    return SimpleNamespace(
+        arch=arch,
+        optim=optim,
+        seq_len=seq,
+        batch_size=batch,
+        clip=float(clip),
+        seed=int(values.get("seed_everything") or 0),
+        log_every=int(trainer.get("log_every_n_steps") or 50),
+    )
 
 
-def ours_run_config(values: dict, precision: str, total_steps: int, compile_: bool, run_dir: Path,
-                    clock: Path) -> dict:
+def ours_run_config(values: dict, precision: str, total_steps: int, compile_: bool, run_dir: Path, clock: Path) -> dict:
     """main.py fit's config: validation and checkpoints off, this run's folder, the clock callback added."""
     cfg = copy.deepcopy(values)
     trainer = cfg.setdefault("trainer", {})
-    trainer.update(precision=precision, max_steps=total_steps, limit_val_batches=0, num_sanity_val_steps=0,
-                   enable_checkpointing=False, default_root_dir=str(run_dir))
-    trainer["callbacks"] = [c for c in trainer.get("callbacks") or []
-                            if not str(c.get("class_path", "")).endswith(CHECKPOINT_CALLBACKS)]
+    trainer.update(
+        precision=precision,
+        max_steps=total_steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        default_root_dir=str(run_dir),
+    )
+    trainer["callbacks"] = [
+        c for c in trainer.get("callbacks") or [] if not str(c.get("class_path", "")).endswith(CHECKPOINT_CALLBACKS)
+    ]
     trainer["callbacks"].append({"class_path": CLOCK_CALLBACK, "init_args": {"out": str(clock)}})
     logger = trainer.get("logger")
     if isinstance(logger, dict):
@@ -234,8 +268,17 @@ def ours_run_config(values: dict, precision: str, total_steps: int, compile_: bo
     return cfg
 
 
-def litgpt_run_config(shape: SimpleNamespace, model_config: dict, precision: str, total_steps: int,
-                      windows: Path, clock: Path, tokenizer_dir: Path, out_dir: Path, log_interval: int) -> dict:
+def litgpt_run_config(
+    shape: SimpleNamespace,
+    model_config: dict,
+    precision: str,
+    total_steps: int,
+    windows: Path,
+    clock: Path,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    log_interval: int,
+) -> dict:
     """litgpt pretrain's config: the same shape, batch, schedule, clipping, seed and data."""
     o = shape.optim
     return {
@@ -244,13 +287,23 @@ def litgpt_run_config(shape: SimpleNamespace, model_config: dict, precision: str
         "out_dir": str(out_dir),
         "precision": precision,
         "data": {"class_path": DATA_MODULE, "init_args": {"windows": str(windows), "clock": str(clock)}},
-        "train": {"save_interval": None, "log_interval": log_interval, "global_batch_size": shape.batch_size,
-                  "micro_batch_size": shape.batch_size, "lr_warmup_steps": o.warmup_steps,
-                  "max_tokens": total_steps * shape.batch_size * shape.seq_len, "max_seq_length": shape.seq_len,
-                  "tie_embeddings": shape.arch.tie_embeddings, "max_norm": shape.clip, "min_lr": o.min_lr},
+        "train": {
+            "save_interval": None,
+            "log_interval": log_interval,
+            "global_batch_size": shape.batch_size,
+            "micro_batch_size": shape.batch_size,
+            "lr_warmup_steps": o.warmup_steps,
+            "max_tokens": total_steps * shape.batch_size * shape.seq_len,
+            "max_seq_length": shape.seq_len,
+            "tie_embeddings": shape.arch.tie_embeddings,
+            "max_norm": shape.clip,
+            "min_lr": o.min_lr,
+        },
         "eval": {"interval": 10**9, "max_iters": 2, "initial_validation": False, "final_validation": False},
-        "optimizer": {"class_path": "torch.optim.AdamW",
-                      "init_args": {"lr": o.lr, "weight_decay": o.weight_decay, "betas": list(o.betas), "eps": o.eps}},
+        "optimizer": {
+            "class_path": "torch.optim.AdamW",
+            "init_args": {"lr": o.lr, "weight_decay": o.weight_decay, "betas": list(o.betas), "eps": o.eps},
+        },
         "devices": 1,
         "num_nodes": 1,
         "tokenizer_dir": str(tokenizer_dir),
@@ -285,13 +338,20 @@ def dump_windows(values: dict, total_steps: int, out: Path, tokenizer_dir: Path)
     np.save(out, windows)
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(dm.corpora[0].path) / "tokenizer.json", tokenizer_dir / "tokenizer.json")
-    return {"windows": int(windows.shape[0]), "tokens_per_row": int(windows.shape[1]),
-            "corpus": str(dm.corpora[0].path), "checksums": [int(r[:, :-1].sum()) for r in rows]}
+    return {
+        "windows": int(windows.shape[0]),
+        "tokens_per_row": int(windows.shape[1]),
+        "corpus": str(dm.corpora[0].path),
+        "checksums": [int(r[:, :-1].sum()) for r in rows],
+    }
 
 
 # ---- LitGPT's environment ----------------------------------------------------------------------
-_PIP_FETCH = re.compile(r"^\s*(?:Collecting|Downloading|Processing)\s+(?:\S*/)?"
-                        r"((?:torch(?=[<>=!~;\[ (]|-\d|$)|nvidia[-_])\S*)", flags=re.MULTILINE | re.IGNORECASE)
+_PIP_FETCH = re.compile(
+    r"^\s*(?:Collecting|Downloading|Processing)\s+(?:\S*/)?"
+    r"((?:torch(?=[<>=!~;\[ (]|-\d|$)|nvidia[-_])\S*)",
+    flags=re.MULTILINE | re.IGNORECASE,
+)
 
 
 def torch_fetches(pip_output: str) -> list[str]:
@@ -300,8 +360,10 @@ def torch_fetches(pip_output: str) -> list[str]:
 
 
 def _versions(python: Path) -> dict:
-    code = ("import importlib.metadata as m, json\nout = {}\nfor n in ('litgpt', 'torch', 'lightning', 'requests'):\n"
-            "    try: out[n] = m.version(n)\n    except m.PackageNotFoundError: out[n] = None\nprint(json.dumps(out))")
+    code = (
+        "import importlib.metadata as m, json\nout = {}\nfor n in ('litgpt', 'torch', 'lightning', 'requests'):\n"
+        "    try: out[n] = m.version(n)\n    except m.PackageNotFoundError: out[n] = None\nprint(json.dumps(out))"
+    )
     done = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
     return json.loads(done.stdout) if done.returncode == 0 else {}
 
@@ -367,22 +429,42 @@ def run_side(side: str, ctx: SimpleNamespace, precision: str, tag: str, warmup: 
         cmd = [sys.executable, str(REPO / "main.py"), "fit", "-c", str(cfg_path)]
     else:
         log_interval = 1 if tag == "check" else ctx.shape.log_every
-        cfg = litgpt_run_config(ctx.shape, ctx.litgpt_config, precision, total, ctx.windows, clock,
-                                ctx.tokenizer_dir, run_dir / "out", log_interval)
+        cfg = litgpt_run_config(
+            ctx.shape,
+            ctx.litgpt_config,
+            precision,
+            total,
+            ctx.windows,
+            clock,
+            ctx.tokenizer_dir,
+            run_dir / "out",
+            log_interval,
+        )
         cmd = [str(ctx.venv / "bin" / "litgpt"), "pretrain", "--config", str(cfg_path)]
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     load = os.getloadavg()[0]
     start = time.perf_counter()
     with open(log, "w", encoding="utf-8") as out:
-        code = subprocess.run(cmd, cwd=REPO, env=_child_env(ctx.threads, ctx.compile, side == "litgpt"),
-                              stdout=out, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(
+            cmd,
+            cwd=REPO,
+            env=_child_env(ctx.threads, ctx.compile, side == "litgpt"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        ).returncode
     process_s = time.perf_counter() - start
     text = log.read_text(encoding="utf-8", errors="replace")
     if code != 0 or not clock.is_file():
         raise PeerError(f"{side} ({' '.join(cmd)}) exited with {code}; the end of {log}:\n{text[-4000:]}")
     record = json.loads(clock.read_text())
-    result = {"side": side, "precision": precision, "process_s": process_s, "load_before": load,
-              "threads": record["threads"], **clock_throughput(record, warmup, steps, ctx.tokens_per_step)}
+    result = {
+        "side": side,
+        "precision": precision,
+        "process_s": process_s,
+        "load_before": load,
+        "threads": record["threads"],
+        **clock_throughput(record, warmup, steps, ctx.tokens_per_step),
+    }
     n = min(total, len(record["checksums"]))
     if record["checksums"][:n] != ctx.checksums[:n]:
         raise PeerError(f"{side}: the batches differ from the trainer's data (checksums of the input tokens)")
@@ -390,38 +472,52 @@ def run_side(side: str, ctx: SimpleNamespace, precision: str, tag: str, warmup: 
         result.update(parameters=record["parameters"], first_loss=record["first_loss"])
     else:
         parsed = parse_litgpt_log(text)
-        result.update(parameters=parsed["parameters"],
-                      first_loss=parsed["iters"][0]["loss"] if parsed["iters"] and parsed["iters"][0]["iter"] == 1
-                      else None,
-                      log_tokens_per_sec=litgpt_log_throughput(parsed["iters"], warmup, steps, ctx.tokens_per_step))
+        result.update(
+            parameters=parsed["parameters"],
+            first_loss=parsed["iters"][0]["loss"] if parsed["iters"] and parsed["iters"][0]["iter"] == 1 else None,
+            log_tokens_per_sec=litgpt_log_throughput(parsed["iters"], warmup, steps, ctx.tokens_per_step),
+        )
     if result["threads"] != ctx.threads:
         raise PeerError(f"{side} ran with {result['threads']} threads, not {ctx.threads}")
     if result["parameters"] != ctx.parameters:
-        raise PeerError(f"refusing to report: {side} has {result['parameters']} parameters, "
-                        f"the shape has {ctx.parameters}")
+        raise PeerError(
+            f"refusing to report: {side} has {result['parameters']} parameters, the shape has {ctx.parameters}"
+        )
     return result
 
 
 # ---- report ------------------------------------------------------------------------------------
 def print_precision(precision: str, runs: list[dict], summary: dict) -> None:
     print(f"\n{precision}: tokens/s (timed steps, wall clock), paired by repeat")
-    print(f"{'repeat':>6} {'first':>6} {'ours':>9} {'LitGPT':>9} {'ours/LitGPT':>11} {'CPU-time ratio':>14} "
-          f"{'LitGPT log*':>11} {'load':>5}")
+    print(
+        f"{'repeat':>6} {'first':>6} {'ours':>9} {'LitGPT':>9} {'ours/LitGPT':>11} {'CPU-time ratio':>14} "
+        f"{'LitGPT log*':>11} {'load':>5}"
+    )
     for i, r in enumerate(runs, 1):
-        o, l = r["ours"], r["litgpt"]
-        log = f"{l['log_tokens_per_sec']:,.0f}" if l.get("log_tokens_per_sec") else "-"
-        print(f"{i:>6} {r['first']:>6} {o['tokens_per_sec']:>9,.0f} {l['tokens_per_sec']:>9,.0f} "
-              f"{summary['ratios'][i - 1]:>11.3f} {summary['cpu_ratios'][i - 1]:>14.3f} {log:>11} "
-              f"{max(o['load_before'], l['load_before']):>5.1f}")
-    for name, label, unit in (("ours", "ours", " tokens/s"), ("litgpt", "LitGPT", " tokens/s"),
-                              ("ratio", "ours/LitGPT", ""), ("cpu_ratio", "CPU-time ratio", ""),
-                              ("ours_cpu", "ours per CPU-s", " tokens"), ("litgpt_cpu", "LitGPT per CPU-s", " tokens")):
+        o, p = r["ours"], r["litgpt"]
+        log = f"{p['log_tokens_per_sec']:,.0f}" if p.get("log_tokens_per_sec") else "-"
+        print(
+            f"{i:>6} {r['first']:>6} {o['tokens_per_sec']:>9,.0f} {p['tokens_per_sec']:>9,.0f} "
+            f"{summary['ratios'][i - 1]:>11.3f} {summary['cpu_ratios'][i - 1]:>14.3f} {log:>11} "
+            f"{max(o['load_before'], p['load_before']):>5.1f}"
+        )
+    for name, label, unit in (
+        ("ours", "ours", " tokens/s"),
+        ("litgpt", "LitGPT", " tokens/s"),
+        ("ratio", "ours/LitGPT", ""),
+        ("cpu_ratio", "CPU-time ratio", ""),
+        ("ours_cpu", "ours per CPU-s", " tokens"),
+        ("litgpt_cpu", "LitGPT per CPU-s", " tokens"),
+    ):
         d = summary[name]
         fmt = "{:,.0f}" if unit else "{:.3f}"
-        print(f"{label:>16}: median {fmt.format(d['median'])}{unit}, min {fmt.format(d['min'])}, "
-              f"max {fmt.format(d['max'])}, IQR {fmt.format(d['iqr'])}")
-    print("  * LitGPT log: tokens / median of its logged 'iter time' (no data loading or logging), "
-          "logged iterations only")
+        print(
+            f"{label:>16}: median {fmt.format(d['median'])}{unit}, min {fmt.format(d['min'])}, "
+            f"max {fmt.format(d['max'])}, IQR {fmt.format(d['iqr'])}"
+        )
+    print(
+        "  * LitGPT log: tokens / median of its logged 'iter time' (no data loading or logging), logged iterations only"
+    )
 
 
 def plot(result: dict, path: Path) -> None:
@@ -431,32 +527,44 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     precisions = list(result["precisions"])
-    fig, axes = plt.subplots(1, len(precisions), figsize=(max(6.0, 4.2 * len(precisions)), 4.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(precisions), figsize=(max(6.0, 4.2 * len(precisions)), 4.4), squeeze=False)
     for ax, precision in zip(axes[0], precisions):
         entry = result["precisions"][precision]
-        for x, (side, label, color) in enumerate((("ours", "ours (main.py fit)", "tab:blue"),
-                                                  ("litgpt", f"LitGPT {LITGPT_VERSION}", "tab:orange"))):
+        for x, (side, label, color) in enumerate(
+            (("ours", "ours (main.py fit)", "tab:blue"), ("litgpt", f"LitGPT {LITGPT_VERSION}", "tab:orange"))
+        ):
             values = [r[side]["tokens_per_sec"] for r in entry["runs"]]
             s = entry["summary"][side]
             q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
             ax.add_patch(plt.Rectangle((x - 0.18, q[0]), 0.36, q[2] - q[0], color=color, alpha=0.2))
             ax.plot([x, x], [s["min"], s["max"]], color=color, lw=1)
             ax.plot([x - 0.22, x + 0.22], [s["median"], s["median"]], color=color, lw=2.5)
-            ax.scatter([x + 0.06 * (i - (len(values) - 1) / 2) for i in range(len(values))], values, color=color,
-                       s=18, zorder=3, label=label)
+            ax.scatter(
+                [x + 0.06 * (i - (len(values) - 1) / 2) for i in range(len(values))],
+                values,
+                color=color,
+                s=18,
+                zorder=3,
+                label=label,
+            )
         r = entry["summary"]["ratio"]
-        ax.set_title(f"{precision}: ours/LitGPT {r['median']:.3f}\n(min {r['min']:.3f}, max {r['max']:.3f}, "
-                     f"{len(entry['runs'])} repeats)", fontsize=9)
+        ax.set_title(
+            f"{precision}: ours/LitGPT {r['median']:.3f}\n(min {r['min']:.3f}, max {r['max']:.3f}, "
+            f"{len(entry['runs'])} repeats)",
+            fontsize=9,
+        )
         ax.set_xticks([0, 1], ["ours", "LitGPT"])
         ax.set_xlim(-0.6, 1.6)
         ax.set_ylabel("tokens/s (wall clock, timed steps)")
         top = max(entry["summary"][side]["max"] for side in ("ours", "litgpt"))
         ax.set_ylim(0, top * 1.15)
     m = result["meta"]
-    fig.suptitle(f"{m['parameters'] / 1e6:.2f}M parameters, batch {m['batch_size']} x seq {m['seq_len']}, "
-                 f"{m['threads']} thread(s), compile {m['compile']},\n{m['steps']} timed steps after {m['warmup']}; "
-                 f"dots: runs, bar: median, box: IQR, line: min-max", fontsize=8)
+    fig.suptitle(
+        f"{m['parameters'] / 1e6:.2f}M parameters, batch {m['batch_size']} x seq {m['seq_len']}, "
+        f"{m['threads']} thread(s), compile {m['compile']},\n{m['steps']} timed steps after {m['warmup']}; "
+        f"dots: runs, bar: median, box: IQR, line: min-max",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -464,24 +572,44 @@ def plot(result: dict, path: Path) -> None:
 
 # ---- main --------------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", default=str(REPO / "conf" / "tiny.yaml"), help="the trainer's config (its depth, optimiser, "
-                        "clipping, logging; default conf/tiny.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override as in `flm_lightning bench`, applied after the default shape "
-                             f"({' '.join(DEFAULT_SETS)}); repeatable")
-    parser.add_argument("--config-shape", action="store_true",
-                        help="leave out the default shape: the config's own model and data, then any --set")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=str(REPO / "conf" / "tiny.yaml"),
+        help="the trainer's config (its depth, optimiser, clipping, logging; default conf/tiny.yaml)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override as in `flm_lightning bench`, applied after the default shape "
+        f"({' '.join(DEFAULT_SETS)}); repeatable",
+    )
+    parser.add_argument(
+        "--config-shape",
+        action="store_true",
+        help="leave out the default shape: the config's own model and data, then any --set",
+    )
     parser.add_argument("--precision", default=",".join(PRECISIONS), help="comma-separated: 32-true, bf16-mixed")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
     parser.add_argument("--repeats", type=int, default=5, help="ours/LitGPT pairs per precision, the first alternating")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1),
-                        help="OMP_NUM_THREADS and MKL_NUM_THREADS of both sides (default: this OMP_NUM_THREADS, "
-                             "else all cores)")
-    parser.add_argument("--compile", choices=("off", "on"), default="off",
-                        help="off: both eager (TORCH_COMPILE_DISABLE=1); on: both torch.compile")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1),
+        help="OMP_NUM_THREADS and MKL_NUM_THREADS of both sides (default: this OMP_NUM_THREADS, else all cores)",
+    )
+    parser.add_argument(
+        "--compile",
+        choices=("off", "on"),
+        default="off",
+        help="off: both eager (TORCH_COMPILE_DISABLE=1); on: both torch.compile",
+    )
     parser.add_argument("--venv", default=str(REPO / ".cache" / "litgpt-venv"), help="LitGPT's virtual environment")
     parser.add_argument("--work", default=str(REPO / ".cache" / "litgpt-peer"), help="run folders, configs, logs")
     parser.add_argument("--json", default=str(REPO / "runs" / "litgpt_peer" / "peer.json"), help="results JSON")
@@ -521,12 +649,16 @@ def _benchmark(args, precisions: list[str], have: dict, started: float) -> int:
     parameters = count_model(shape.arch).parameters
     litgpt_config = litgpt_model_config(shape.arch)
     litgpt_count = litgpt_parameter_count(litgpt_config, shape.arch.tie_embeddings)
-    print(f"shape: {shape.arch.n_layers} layers, hidden {shape.arch.hidden_size}, {shape.arch.n_heads} heads, "
-          f"ffn {shape.arch.ffn_size} {shape.arch.activation}, {shape.arch.norm}, "
-          f"vocab {shape.arch.padded_vocab_size}, "
-          f"seq {shape.seq_len}, batch {shape.batch_size}")
-    print(f"parameters: ours {parameters:,} (flm_lightning.model.count_model), LitGPT {litgpt_count:,} "
-          f"(its module layout, counted by hand)")
+    print(
+        f"shape: {shape.arch.n_layers} layers, hidden {shape.arch.hidden_size}, {shape.arch.n_heads} heads, "
+        f"ffn {shape.arch.ffn_size} {shape.arch.activation}, {shape.arch.norm}, "
+        f"vocab {shape.arch.padded_vocab_size}, "
+        f"seq {shape.seq_len}, batch {shape.batch_size}"
+    )
+    print(
+        f"parameters: ours {parameters:,} (flm_lightning.model.count_model), LitGPT {litgpt_count:,} "
+        f"(its module layout, counted by hand)"
+    )
     if parameters != litgpt_count:
         raise PeerError("refusing to report: the two models would differ in size")
     work = Path(args.work)
@@ -535,36 +667,66 @@ def _benchmark(args, precisions: list[str], have: dict, started: float) -> int:
     windows, tokenizer_dir = work / "windows.npy", work / "tokenizer"
     data = dump_windows(values, total, windows, tokenizer_dir)
     print(f"data: {data['windows']} windows of {data['tokens_per_row']} tokens from {data['corpus']} -> {windows}")
-    ctx = SimpleNamespace(values=values, shape=shape, parameters=parameters, litgpt_config=litgpt_config,
-                          compile=args.compile == "on", threads=args.threads, venv=Path(args.venv), work=work,
-                          windows=windows, tokenizer_dir=tokenizer_dir, checksums=data["checksums"],
-                          tokens_per_step=shape.batch_size * shape.seq_len)
-    result = {"meta": {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "sets": sets,
-        "config": os.path.relpath(args.config, REPO),
-        "parameters": parameters, "litgpt_model_config": litgpt_config, "batch_size": shape.batch_size,
-        "seq_len": shape.seq_len, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-        "threads": args.threads, "compile": args.compile, "timing": "perf_counter/process_time at every step start "
-        "inside the training process; tokens/s between the starts of steps warmup and warmup+steps",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "lightning": lightning.__version__, "litgpt_env": have},
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
-    }, "precisions": {}}
+    ctx = SimpleNamespace(
+        values=values,
+        shape=shape,
+        parameters=parameters,
+        litgpt_config=litgpt_config,
+        compile=args.compile == "on",
+        threads=args.threads,
+        venv=Path(args.venv),
+        work=work,
+        windows=windows,
+        tokenizer_dir=tokenizer_dir,
+        checksums=data["checksums"],
+        tokens_per_step=shape.batch_size * shape.seq_len,
+    )
+    result = {
+        "meta": {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "sets": sets,
+            "config": os.path.relpath(args.config, REPO),
+            "parameters": parameters,
+            "litgpt_model_config": litgpt_config,
+            "batch_size": shape.batch_size,
+            "seq_len": shape.seq_len,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "compile": args.compile,
+            "timing": "perf_counter/process_time at every step start "
+            "inside the training process; tokens/s between the starts of steps warmup and warmup+steps",
+            "versions": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "lightning": lightning.__version__,
+                "litgpt_env": have,
+            },
+            "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
+        },
+        "precisions": {},
+    }
     for precision in precisions:
         print(f"\n== {precision}: check runs (1 timed step each, not reported)")
         checks = {side: run_side(side, ctx, precision, "check", 1, 1) for side in ("ours", "litgpt")}
-        print(f"parameters in the runs: ours {checks['ours']['parameters']:,}, "
-              f"LitGPT {checks['litgpt']['parameters']:,}"
-              f" (identical); first-step loss: ours {checks['ours']['first_loss']:.3f}, "
-              f"LitGPT {checks['litgpt']['first_loss'] or float('nan'):.3f}; same input tokens in every batch")
+        print(
+            f"parameters in the runs: ours {checks['ours']['parameters']:,}, "
+            f"LitGPT {checks['litgpt']['parameters']:,}"
+            f" (identical); first-step loss: ours {checks['ours']['first_loss']:.3f}, "
+            f"LitGPT {checks['litgpt']['first_loss'] or float('nan'):.3f}; same input tokens in every batch"
+        )
         runs = []
         for repeat in range(args.repeats):
             order = ("ours", "litgpt") if repeat % 2 == 0 else ("litgpt", "ours")
             pair = {side: run_side(side, ctx, precision, f"r{repeat}", args.warmup, args.steps) for side in order}
             runs.append({"first": order[0], **pair})
-            print(f"repeat {repeat + 1}/{args.repeats} ({order[0]} first): ours {pair['ours']['tokens_per_sec']:,.0f}, "
-                  f"LitGPT {pair['litgpt']['tokens_per_sec']:,.0f} tokens/s "
-                  f"(processes {pair['ours']['process_s']:.0f} s, {pair['litgpt']['process_s']:.0f} s)", flush=True)
+            print(
+                f"repeat {repeat + 1}/{args.repeats} ({order[0]} first): ours {pair['ours']['tokens_per_sec']:,.0f}, "
+                f"LitGPT {pair['litgpt']['tokens_per_sec']:,.0f} tokens/s "
+                f"(processes {pair['ours']['process_s']:.0f} s, {pair['litgpt']['process_s']:.0f} s)",
+                flush=True,
+            )
         summary = summarize([r["ours"] for r in runs], [r["litgpt"] for r in runs])
         result["precisions"][precision] = {"checks": checks, "runs": runs, "summary": summary}
         print_precision(precision, runs, summary)

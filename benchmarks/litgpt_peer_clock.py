@@ -51,9 +51,15 @@ class PeerStepClock(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         record = {
-            "side": "ours", "wall": self.wall, "cpu": self.cpu, "checksums": self.checksums,
-            "first_loss": self.first_loss, "parameters": self.parameters, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "precision": str(trainer.precision),
+            "side": "ours",
+            "wall": self.wall,
+            "cpu": self.cpu,
+            "checksums": self.checksums,
+            "first_loss": self.first_loss,
+            "parameters": self.parameters,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "precision": str(trainer.precision),
             "compile_disabled": os.environ.get("TORCH_COMPILE_DISABLE") == "1",
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
         }

@@ -23,9 +23,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
-
 from litgpt.data import DataModule
+from torch.utils.data import DataLoader, IterableDataset
 
 
 class _Clock:
@@ -45,8 +44,12 @@ class _Clock:
 
     def write(self) -> None:
         record = {
-            "side": "litgpt", "wall": self.wall, "cpu": self.cpu, "checksums": self.checksums,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "side": "litgpt",
+            "wall": self.wall,
+            "cpu": self.cpu,
+            "checksums": self.checksums,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
             "compile_disabled": os.environ.get("TORCH_COMPILE_DISABLE") == "1",
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
         }
@@ -75,7 +78,7 @@ class _Stream(IterableDataset):
         i = 0
         while self.limit is None or i < self.limit:
             j = i % batches
-            rows = np.asarray(self.windows[j * self.batch_size:(j + 1) * self.batch_size], dtype=np.int64)
+            rows = np.asarray(self.windows[j * self.batch_size : (j + 1) * self.batch_size], dtype=np.int64)
             if clock is not None:
                 clock.tick(rows)
             yield torch.from_numpy(rows)
@@ -104,11 +107,14 @@ class PreparedWindows(DataModule):
     def setup(self, stage: str = "") -> None:
         self.windows = np.load(self.windows_path, mmap_mode="r")
         if self.max_seq_length is not None and self.windows.shape[1] != self.max_seq_length + 1:
-            raise ValueError(f"{self.windows_path}: rows of {self.windows.shape[1]} tokens, the model needs "
-                             f"max_seq_length + 1 = {self.max_seq_length + 1}")
+            raise ValueError(
+                f"{self.windows_path}: rows of {self.windows.shape[1]} tokens, the model needs "
+                f"max_seq_length + 1 = {self.max_seq_length + 1}"
+            )
         if len(self.windows) < self.batch_size:
-            raise ValueError(f"{self.windows_path}: {len(self.windows)} rows, "
-                             f"fewer than one batch of {self.batch_size}")
+            raise ValueError(
+                f"{self.windows_path}: {len(self.windows)} rows, fewer than one batch of {self.batch_size}"
+            )
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Stream(self.windows, self.batch_size, self.clock_path, None), batch_size=None, num_workers=0)

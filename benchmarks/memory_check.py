@@ -24,8 +24,22 @@ CASES = {
     # name: (arch overrides, batch, seq)
     "tiny (conf/tiny.yaml)": (dict(vocab_size=2048, n_layers=4, n_heads=4, hidden_size=128, max_seq_len=128), 16, 128),
     "mid-swiglu": (dict(vocab_size=8192, n_layers=8, n_heads=8, hidden_size=512, max_seq_len=512), 8, 512),
-    "mid-gelu-tied": (dict(vocab_size=8192, n_layers=8, n_heads=8, hidden_size=512, max_seq_len=512, norm="layernorm",
-                           activation="gelu", bias=True, position="xpos", tie_embeddings=True), 8, 512),
+    "mid-gelu-tied": (
+        dict(
+            vocab_size=8192,
+            n_layers=8,
+            n_heads=8,
+            hidden_size=512,
+            max_seq_len=512,
+            norm="layernorm",
+            activation="gelu",
+            bias=True,
+            position="xpos",
+            tie_embeddings=True,
+        ),
+        8,
+        512,
+    ),
     "wide-long": (dict(vocab_size=4096, n_layers=4, n_heads=8, hidden_size=1024, max_seq_len=1024), 4, 1024),
 }
 
@@ -75,7 +89,9 @@ def estimate(arch: dict, batch: int, seq: int) -> float:
     from flm_lightning.planner import Hardware, Layout, Workload, memory_per_gpu
 
     memory = memory_per_gpu(
-        ModelConfig(**arch), Layout(micro_batch=batch, sharding="ddp"), Workload(global_batch=batch, seq_len=seq, precision="fp32"),
+        ModelConfig(**arch),
+        Layout(micro_batch=batch, sharding="ddp"),
+        Workload(global_batch=batch, seq_len=seq, precision="fp32"),
         Hardware(overhead_gb=0.0),
     )
     return memory.total
@@ -97,16 +113,33 @@ def main() -> None:
     print(f"{'config':<24} {'params':>8} {'measured MiB':>13} {'planned MiB':>12} {'planned/measured':>17}")
     for name in args.case or CASES:
         arch, batch, seq = CASES[name]
-        out = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps)],
-                             capture_output=True, text=True, env=env, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", name, "--steps", str(args.steps)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
         measured = int(out.stdout.strip().splitlines()[-1])
         planned = estimate(arch, batch, seq)
         from flm_lightning.model import ModelConfig, count_model
 
         params = count_model(ModelConfig(**arch)).parameters
-        rows.append({"config": name, "parameters": params, "batch": batch, "seq_len": seq,
-                     "measured_bytes": measured, "planned_bytes": planned, "ratio": planned / measured})
-        print(f"{name:<24} {params / 1e6:7.1f}M {measured / 2**20:13.1f} {planned / 2**20:12.1f} {planned / measured:17.3f}")
+        rows.append(
+            {
+                "config": name,
+                "parameters": params,
+                "batch": batch,
+                "seq_len": seq,
+                "measured_bytes": measured,
+                "planned_bytes": planned,
+                "ratio": planned / measured,
+            }
+        )
+        print(
+            f"{name:<24} {params / 1e6:7.1f}M {measured / 2**20:13.1f} {planned / 2**20:12.1f} "
+            f"{planned / measured:17.3f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

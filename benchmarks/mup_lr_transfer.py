@@ -19,10 +19,10 @@ from dataclasses import replace
 
 import torch
 
+from flm_lightning.cli import load_config
 from flm_lightning.data import TextDataModule
 from flm_lightning.mup import MuPConfig
 from flm_lightning.mup_experiments import at_width, build_module
-from flm_lightning.cli import load_config
 
 
 def batches(seq_len: int, batch_size: int, steps: int) -> list[torch.Tensor]:
@@ -72,6 +72,7 @@ def main() -> None:
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -47,8 +47,10 @@ def main() -> int:
         from litgpt.model import GPT, Config
         from litgpt.utils import chunked_cross_entropy
     except ImportError:
-        raise SystemExit("error: LitGPT is not importable; run with .cache/litgpt-venv/bin/python "
-                         "(python benchmarks/litgpt_peer.py installs it)")
+        raise SystemExit(
+            "error: LitGPT is not importable; run with .cache/litgpt-venv/bin/python "
+            "(python benchmarks/litgpt_peer.py installs it)"
+        )
     from litgpt_peer import DEFAULT_SETS, litgpt_model_config, resolve_config, shape_of
 
     from flm_lightning.model import FLMTransformer
@@ -85,13 +87,17 @@ def main() -> int:
             start = time.process_time()
             sides[name]()
             cpu[name].append(1e3 * (time.process_time() - start))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.precision}, "
-          f"{counts[0]:,} parameters, batch {shape.batch_size} x {shape.seq_len}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.precision}, "
+        f"{counts[0]:,} parameters, batch {shape.batch_size} x {shape.seq_len}"
+    )
     summary = {}
     for name, values in cpu.items():
         summary[name] = {"cpu_ms_median": statistics.median(values), "cpu_ms_min": min(values)}
-        print(f"{name:7s} CPU time per step (forward + loss + backward): median {statistics.median(values):.0f} ms, "
-              f"min {min(values):.0f} ms over {args.repeats}")
+        print(
+            f"{name:7s} CPU time per step (forward + loss + backward): median {statistics.median(values):.0f} ms, "
+            f"min {min(values):.0f} ms over {args.repeats}"
+        )
     ratio = summary["litgpt"]["cpu_ms_median"] / summary["ours"]["cpu_ms_median"]
     print(f"ours / LitGPT throughput by CPU time: {ratio:.3f}")
 
@@ -100,21 +106,48 @@ def main() -> int:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.profile_steps):
                 fn()
-        tables[name] = {e.key: {"self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / args.profile_steps,
-                                "calls_per_step": e.count / args.profile_steps} for e in prof.key_averages()}
-    names = sorted(set(tables["ours"]) | set(tables["litgpt"]), key=lambda n: -abs(
-        tables["ours"].get(n, {}).get("self_cpu_ms_per_step", 0) - tables["litgpt"].get(n, {}).get("self_cpu_ms_per_step", 0)))
-    print(f"\n{'operator':52s} {'ours ms':>8s} {'calls':>6s} {'LitGPT ms':>9s} {'calls':>6s} {'diff ms':>8s}  (per step)")
+        tables[name] = {
+            e.key: {
+                "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / args.profile_steps,
+                "calls_per_step": e.count / args.profile_steps,
+            }
+            for e in prof.key_averages()
+        }
+    names = sorted(
+        set(tables["ours"]) | set(tables["litgpt"]),
+        key=lambda n: (
+            -abs(
+                tables["ours"].get(n, {}).get("self_cpu_ms_per_step", 0)
+                - tables["litgpt"].get(n, {}).get("self_cpu_ms_per_step", 0)
+            )
+        ),
+    )
+    print(
+        f"\n{'operator':52s} {'ours ms':>8s} {'calls':>6s} {'LitGPT ms':>9s} {'calls':>6s} {'diff ms':>8s}  (per step)"
+    )
     for n in names[: args.top]:
         a, b = tables["ours"].get(n, {}), tables["litgpt"].get(n, {})
         am, bm = a.get("self_cpu_ms_per_step", 0.0), b.get("self_cpu_ms_per_step", 0.0)
-        print(f"{n[:52]:52s} {am:8.1f} {a.get('calls_per_step', 0):6.0f} {bm:9.1f} {b.get('calls_per_step', 0):6.0f} "
-              f"{am - bm:+8.1f}")
+        print(
+            f"{n[:52]:52s} {am:8.1f} {a.get('calls_per_step', 0):6.0f} {bm:9.1f} {b.get('calls_per_step', 0):6.0f} "
+            f"{am - bm:+8.1f}"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"precision": args.precision, "threads": torch.get_num_threads(),
-                                               "torch": torch.__version__, "parameters": counts[0],
-                                               "cpu_ms": cpu, "summary": summary, "ours_over_litgpt": ratio,
-                                               "operators": tables}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "precision": args.precision,
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "parameters": counts[0],
+                    "cpu_ms": cpu,
+                    "summary": summary,
+                    "ours_over_litgpt": ratio,
+                    "operators": tables,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -54,8 +54,13 @@ def main() -> None:
             rates = []
             for run in range(args.runs):
                 t = time.perf_counter()
-                prepare([str(tmp / "corpus.jsonl")], str(tmp / f"out{workers}_{run}"), tokenizer=str(tmp / "tokenizer.json"),
-                        workers=workers, progress=False)
+                prepare(
+                    [str(tmp / "corpus.jsonl")],
+                    str(tmp / f"out{workers}_{run}"),
+                    tokenizer=str(tmp / "tokenizer.json"),
+                    workers=workers,
+                    progress=False,
+                )
                 rates.append(n_bytes / (time.perf_counter() - t))
             rows.append((f"prepare --workers {workers} (file -> shards)", statistics.median(rates)))
     base = rows[0][1]

@@ -42,7 +42,9 @@ def _train_child(case: str, mode: str, steps: int, precision: str) -> dict:
     torch.manual_seed(0)
     tokens = torch.randint(0, arch["vocab_size"], (batch, seq + 1), device=device)
     data = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(batch, seq, device=device)}
-    autocast = (lambda: torch.autocast(device.type, torch.bfloat16)) if precision == "bf16-mixed" else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast(device.type, torch.bfloat16)) if precision == "bf16-mixed" else contextlib.nullcontext
+    )
 
     def train(cfg: ModelConfig, n_steps: int) -> float:
         model = FLMTransformer(cfg).to(device)
@@ -94,7 +96,9 @@ def _ce_child(case: str) -> dict:
 
 def _child(args: list[str]) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True, env=env
+    )
     if done.returncode:
         raise SystemExit(done.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -115,23 +119,43 @@ def main() -> None:
     from flm_lightning.model import ModelConfig, count_model
 
     rows = []
-    print(f"{'config':<22} {'params':>8} {'batch x seq':>11} {'recompute':>10} {'peak MiB':>9} {'vs none':>8} {'s/step':>7}")
+    print(
+        f"{'config':<22} {'params':>8} {'batch x seq':>11} {'recompute':>10} {'peak MiB':>9} {'vs none':>8} "
+        f"{'s/step':>7}"
+    )
     for case in args.case or CASES:
         arch, batch, seq = CASES[case]
         params = count_model(ModelConfig(**arch)).parameters
         for mode in MODES:
             r = _child(["train", case, mode, args.steps, args.precision])
-            none = next((x["peak_bytes"] for x in rows if x["config"] == case and x["recompute"] == "none"), r["peak_bytes"])
-            rows.append({"config": case, "parameters": params, "batch": batch, "seq_len": seq, "recompute": mode,
-                         "precision": args.precision, **r})
-            print(f"{case:<22} {params / 1e6:7.1f}M {f'{batch} x {seq}':>11} {mode:>10} {r['peak_bytes'] / 2**20:9.1f} "
-                  f"{r['peak_bytes'] / none:8.2f} {r['step_seconds']:7.2f}", flush=True)
+            none = next(
+                (x["peak_bytes"] for x in rows if x["config"] == case and x["recompute"] == "none"), r["peak_bytes"]
+            )
+            rows.append(
+                {
+                    "config": case,
+                    "parameters": params,
+                    "batch": batch,
+                    "seq_len": seq,
+                    "recompute": mode,
+                    "precision": args.precision,
+                    **r,
+                }
+            )
+            print(
+                f"{case:<22} {params / 1e6:7.1f}M {f'{batch} x {seq}':>11} {mode:>10} {r['peak_bytes'] / 2**20:9.1f} "
+                f"{r['peak_bytes'] / none:8.2f} {r['step_seconds']:7.2f}",
+                flush=True,
+            )
     print(f"\n{'cross-entropy (bf16 logits)':<28} {'logits MiB':>10} {'plain fp32 MiB':>15} {'lean MiB':>9}")
     ce_rows = []
     for case in CE_CASES:
         r = _child(["ce", case])
         ce_rows.append({"case": case, **r})
-        print(f"{case:<28} {r['logits_bytes'] / 2**20:10.1f} {r['plain fp32'] / 2**20:15.1f} {r['lean'] / 2**20:9.1f}", flush=True)
+        print(
+            f"{case:<28} {r['logits_bytes'] / 2**20:10.1f} {r['plain fp32'] / 2**20:15.1f} {r['lean'] / 2**20:9.1f}",
+            flush=True,
+        )
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "recompute_memory.json"), "w") as f:

@@ -13,6 +13,13 @@ from flm_lightning.callbacks.preemption import PreemptionCheckpoint
 from flm_lightning.callbacks.throughput import TokenThroughputMonitor
 
 __all__ = [
-    "FLMModelSummary", "GrowthCallback", "GrowthStage", "LearningRateLogger", "PreemptionCheckpoint", "RunFacts",
-    "StepProgressBar", "TokenThroughputMonitor", "TrainingGuard",
+    "FLMModelSummary",
+    "GrowthCallback",
+    "GrowthStage",
+    "LearningRateLogger",
+    "PreemptionCheckpoint",
+    "RunFacts",
+    "StepProgressBar",
+    "TokenThroughputMonitor",
+    "TrainingGuard",
 ]

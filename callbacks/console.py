@@ -32,8 +32,9 @@ class StepProgressBar(TQDMProgressBar):
             bar.unit = "step"
             bar.set_description("steps")
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.max_steps <= 0:
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         bar, step = self.train_progress_bar, trainer.global_step
@@ -50,7 +51,8 @@ class StepProgressBar(TQDMProgressBar):
 def metrics_only(module: nn.Module) -> bool:
     """A module that holds no parameters and only torchmetrics state (or nothing): not part of the model."""
     return not any(True for _ in module.parameters()) and all(
-        isinstance(m, (Metric, nn.ModuleDict, nn.ModuleList)) for m in module.modules())
+        isinstance(m, (Metric, nn.ModuleDict, nn.ModuleList)) for m in module.modules()
+    )
 
 
 def flops_per_token(trainer: L.Trainer, pl_module: L.LightningModule) -> Optional[tuple[int, int]]:
@@ -81,8 +83,9 @@ class FLMModelSummary(ModelSummary):
 def summary_table(trainer: L.Trainer, pl_module: L.LightningModule, depth: int = 1) -> str:
     summary = summarize(pl_module, max_depth=depth)
     rows = [("", "Name", "Type", "Params", "Mode")]
-    for name, kind, params, training in zip(summary.layer_names, summary.layer_types, summary.param_nums,
-                                            summary.training_modes):
+    for name, kind, params, training in zip(
+        summary.layer_names, summary.layer_types, summary.param_nums, summary.training_modes
+    ):
         if not metrics_only(pl_module.get_submodule(name)):
             mode = "train" if training else "eval"
             rows.append((str(len(rows) - 1), name, kind, get_human_readable_count(params), mode))
@@ -133,8 +136,9 @@ class LearningRateLogger(Callback):
         self._tags: Optional[list[Optional[str]]] = None
         self._shape: Optional[tuple] = None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if not trainer.loggers or not logging_step(trainer, trainer.global_step + 1):
             return
         for optimizer in trainer.optimizers[:1]:
@@ -170,8 +174,10 @@ class RunFacts(Callback):
             from flm_lightning.model import count_model
 
             size = count_model(arch)
-            facts += [("parameters", f"{size.parameters:,}"),
-                      ("non-embedding parameters", f"{size.non_embedding_parameters:,}")]
+            facts += [
+                ("parameters", f"{size.parameters:,}"),
+                ("non-embedding parameters", f"{size.non_embedding_parameters:,}"),
+            ]
         flops = flops_per_token(trainer, pl_module)
         if flops is not None:
             facts.append((f"training FLOPs per token (sequence {flops[1]})", f"{flops[0]:,}"))

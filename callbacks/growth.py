@@ -80,7 +80,9 @@ class GrowthCallback(Callback):
             if step < 1:
                 raise ConfigError(f"{where}: growth must happen after at least one step, got step {step}")
             if step < previous_end:
-                raise ConfigError(f"{where} at step {step} starts during the ramp of the previous stage (ends at step {previous_end})")
+                raise ConfigError(
+                    f"{where} at step {step} starts during the ramp of the previous stage (ends at step {previous_end})"
+                )
             try:
                 s.check()
                 target = ModelConfig.from_dict({**current.to_dict(), **s.arch})

@@ -72,7 +72,12 @@ class TrainingGuard(Callback):
         if spike_policy not in POLICIES:
             raise ValueError(f"TrainingGuard.spike_policy must be one of {list(POLICIES)}, got {spike_policy!r}")
         self.max_consecutive = max_consecutive_nonfinite
-        self.policy, self.zscore, self.min_ratio, self.warmup = spike_policy, spike_zscore, spike_min_ratio, warmup_steps
+        self.policy, self.zscore, self.min_ratio, self.warmup = (
+            spike_policy,
+            spike_zscore,
+            spike_min_ratio,
+            warmup_steps,
+        )
         self.loss_stat, self.norm_stat = _RunningStat(ema_decay), _RunningStat(ema_decay)
         self.norms: deque[float] = deque(maxlen=2 * trend_window)
         self.trend_window, self.trend_ratio = trend_window, trend_ratio
@@ -103,13 +108,16 @@ class TrainingGuard(Callback):
                 self._halt(trainer, f"{self.consecutive} consecutive non-finite steps (up to step {step})")
             return
         self.consecutive = 0
-        spike = self.loss_stat.is_spike(loss, self.zscore, self.min_ratio, self.warmup) or \
-            self.norm_stat.is_spike(norm, self.zscore, self.min_ratio, self.warmup)
+        spike = self.loss_stat.is_spike(loss, self.zscore, self.min_ratio, self.warmup) or self.norm_stat.is_spike(
+            norm, self.zscore, self.min_ratio, self.warmup
+        )
         if spike:
             self.spikes_total += 1
             pl_module.log("guard/spikes_total", float(self.spikes_total))
-            rank_zero_warn(f"step {step}: spike (loss {loss:.4g}, gradient norm {norm:.4g}; "
-                           f"running means {self.loss_stat.mean:.4g}, {self.norm_stat.mean:.4g}): policy {self.policy}")
+            rank_zero_warn(
+                f"step {step}: spike (loss {loss:.4g}, gradient norm {norm:.4g}; "
+                f"running means {self.loss_stat.mean:.4g}, {self.norm_stat.mean:.4g}): policy {self.policy}"
+            )
             if self.policy == "skip":
                 self._drop_update(pl_module)
                 return
@@ -129,7 +137,9 @@ class TrainingGuard(Callback):
     def _rollback(self, trainer: L.Trainer, pl_module: TrainedModule) -> None:
         ckpt_cb = trainer.checkpoint_callback
         folder = Path(ckpt_cb.dirpath) if ckpt_cb is not None and ckpt_cb.dirpath else None
-        candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder and folder.is_dir() else []
+        candidates = (
+            sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder and folder.is_dir() else []
+        )
         candidates = [p for p in candidates if p.name not in ("guard_stop.ckpt",)]
         if not candidates:
             rank_zero_warn("rollback requested but no checkpoint exists yet: the update is skipped instead")
@@ -141,7 +151,9 @@ class TrainingGuard(Callback):
         # else FLMParallelStrategy has loaded the sharded weights and optimizer state in place
         self.rollbacks += 1
         pl_module.log("guard/rollbacks", float(self.rollbacks))
-        rank_zero_warn(f"rolled back to {candidates[-1].name} (step {ckpt.get('global_step')}); the data stream moves on")
+        rank_zero_warn(
+            f"rolled back to {candidates[-1].name} (step {ckpt.get('global_step')}); the data stream moves on"
+        )
 
     def _watch_trend(self, pl_module: TrainedModule, norm: float) -> None:
         self.norms.append(norm)
@@ -149,24 +161,34 @@ class TrainingGuard(Callback):
             return
         values = list(self.norms)
         before = sum(values[: self.trend_window]) / self.trend_window
-        recent = sum(values[self.trend_window:]) / self.trend_window
+        recent = sum(values[self.trend_window :]) / self.trend_window
         if recent > self.trend_ratio * before:
             self.rising_flagged = True
             pl_module.log("guard/grad_norm_rising", 1.0)
-            rank_zero_warn(f"the gradient norm is rising steadily ({before:.3g} -> {recent:.3g} over "
-                           f"{2 * self.trend_window} steps): a sign of coming divergence")
+            rank_zero_warn(
+                f"the gradient norm is rising steadily ({before:.3g} -> {recent:.3g} over "
+                f"{2 * self.trend_window} steps): a sign of coming divergence"
+            )
 
     def _halt(self, trainer: L.Trainer, reason: str) -> None:
-        folder = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback and trainer.checkpoint_callback.dirpath \
+        folder = (
+            Path(trainer.checkpoint_callback.dirpath)
+            if trainer.checkpoint_callback and trainer.checkpoint_callback.dirpath
             else Path(trainer.default_root_dir)
+        )
         path = folder / "guard_stop.ckpt"
         trainer.save_checkpoint(path)
         raise TrainingHalted(f"training stopped: {reason}; the last good state is in {path}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"nonfinite_total": self.nonfinite_total, "spikes_total": self.spikes_total, "rollbacks": self.rollbacks,
-                "loss_stat": vars(self.loss_stat).copy(), "norm_stat": vars(self.norm_stat).copy(),
-                "rising_flagged": self.rising_flagged}
+        return {
+            "nonfinite_total": self.nonfinite_total,
+            "spikes_total": self.spikes_total,
+            "rollbacks": self.rollbacks,
+            "loss_stat": vars(self.loss_stat).copy(),
+            "norm_stat": vars(self.norm_stat).copy(),
+            "rising_flagged": self.rising_flagged,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.nonfinite_total = state.get("nonfinite_total", 0)

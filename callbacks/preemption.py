@@ -53,8 +53,14 @@ class PreemptionCheckpoint(Callback):
 
     def checkpoint_path(self, trainer: L.Trainer) -> Path:
         """`last.ckpt` of the ModelCheckpoint that keeps one (now its `last_model_path`), else `preempted.ckpt`."""
-        keeper = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last
-                       and cb.dirpath), None)
+        keeper = next(
+            (
+                cb
+                for cb in trainer.checkpoint_callbacks
+                if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath
+            ),
+            None,
+        )
         if keeper is None:
             return Path(self.dirpath or trainer.default_root_dir) / "preempted.ckpt"
         candidates = {"epoch": torch.tensor(trainer.current_epoch), "step": torch.tensor(trainer.global_step)}

@@ -43,7 +43,8 @@ def device_peak_tflops(device: torch.device) -> Optional[float]:
 
 
 class TokenThroughputMonitor(Callback):
-    """Logs `throughput/tokens_per_sec` (per data-parallel rank), `throughput/tflops` and `throughput/mfu` (per process).
+    """Logs `throughput/tokens_per_sec` (per data-parallel rank), `throughput/tflops` and `throughput/mfu`
+    (per process).
 
     Averages over a sliding window of batches with Lightning's `Throughput` meter; time spent in
     validation is excluded. FLOPs per batch come from the module's `flops_per_batch` (6N plus
@@ -68,13 +69,18 @@ class TokenThroughputMonitor(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: TrainedModule) -> None:
         peak_tflops = self.peak_tflops or device_peak_tflops(pl_module.device)
         if peak_tflops and not self.peak_tflops:
-            rank_zero_info(f"TokenThroughputMonitor: MFU against {peak_tflops:g} TFLOP/s ({torch.cuda.get_device_name(pl_module.device)})")
+            rank_zero_info(
+                f"TokenThroughputMonitor: MFU against {peak_tflops:g} TFLOP/s "
+                f"({torch.cuda.get_device_name(pl_module.device)})"
+            )
         peak = peak_tflops * 1e12 if peak_tflops else None
         # Updated on logging steps only: enough points to span about `window_size` batches.
         points = max(2, math.ceil(self.window_size / max(trainer.log_every_n_steps, 1)) + 1)
         # Under tensor / pipeline parallelism a batch's FLOPs are split over tp x pp processes that
         # all see its tokens: FLOPs per process are divided by that, tokens are the dp shard's.
-        dp = (getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas", trainer.world_size)
+        dp = (getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get(
+            "num_replicas", trainer.world_size
+        )
         self._model_parallel = max(1, trainer.world_size // dp)
         self._meter = Throughput(available_flops=peak, world_size=dp, window_size=points)
         self._start = time.perf_counter()

@@ -59,8 +59,12 @@ def initialize_parameters(model: nn.Module, init_std: InitStd, seed: int) -> Non
             param.copy_(full)
 
 
-def install(model: FLMTransformer, strategy: Any = None, compute: Optional[Callable[[nn.Module], None]] = None,
-            micro_batches: int = 1) -> StepEngine:
+def install(
+    model: FLMTransformer,
+    strategy: Any = None,
+    compute: Optional[Callable[[nn.Module], None]] = None,
+    micro_batches: int = 1,
+) -> StepEngine:
     """The step of `model` on this rank: under a strategy with `parallelize` (FLMParallelStrategy) the model is
     split, sharded and `compute` applied in place by it; else `compute` (activation checkpointing, compile)
     is applied here and the step runs `micro_batches` micro-batches in one process."""
@@ -72,9 +76,16 @@ def install(model: FLMTransformer, strategy: Any = None, compute: Optional[Calla
     return StepEngine(model, micro_batches=micro_batches)
 
 
-def build(arch: ModelConfig, mup: Optional["MuP"], seed: int, *, strategy: Any = None,
-          compute: Optional[Callable[[nn.Module], None]] = None, micro_batches: int = 1,
-          load: Optional[str] = None) -> StepEngine:
+def build(
+    arch: ModelConfig,
+    mup: Optional["MuP"],
+    seed: int,
+    *,
+    strategy: Any = None,
+    compute: Optional[Callable[[nn.Module], None]] = None,
+    micro_batches: int = 1,
+    load: Optional[str] = None,
+) -> StepEngine:
     """Construct, install and initialise the network at `arch` (see the module docstring), μP's std per role
     when `mup` is given, else the model's; `seed` is the run's seed. Returns its step
     (`engine.model` is this rank's network). Call it inside the strategy's `tensor_init_context`.
@@ -93,8 +104,9 @@ def build(arch: ModelConfig, mup: Optional["MuP"], seed: int, *, strategy: Any =
     return engine
 
 
-def make_optimizer(model: torch.nn.Module, optim: OptimConfig, mup: Optional[MuP] = None,
-                   allow_fused: bool = True) -> torch.optim.AdamW:
+def make_optimizer(
+    model: torch.nn.Module, optim: OptimConfig, mup: Optional[MuP] = None, allow_fused: bool = True
+) -> torch.optim.AdamW:
     """The run's AdamW for `model`: one group per μP role (its LR) when `mup` is given, else decay on matrices."""
     groups = mup.param_groups(model, optim.weight_decay) if mup is not None else None
     return build_adamw(model, optim, groups, allow_fused=allow_fused)

@@ -101,7 +101,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         record = {"sha256": _sha256(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         write_atomic(path.with_name(path.name + SIDECAR), lambda f: f.write(json.dumps(record).encode()))
 
-    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
+    ) -> dict[str, Any]:
         return read_checkpoint(Path(path), map_location)
 
     def remove_checkpoint(self, path) -> None:
@@ -119,8 +121,10 @@ DATAMODULE_KEY = "TextDataModule"
 def read_checkpoint(path: Path, map_location: Optional[Any] = None) -> dict[str, Any]:
     """Checksum-verified, weights-only load; every failure is a CheckpointError naming the file."""
     if is_distributed_checkpoint(path):
-        raise CheckpointError(f"{path} is a distributed checkpoint folder; make one file of it first: "
-                              f"python -m flm_lightning consolidate --ckpt {path} --out FILE.ckpt")
+        raise CheckpointError(
+            f"{path} is a distributed checkpoint folder; make one file of it first: "
+            f"python -m flm_lightning consolidate --ckpt {path} --out FILE.ckpt"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist{_others(path)}")
     verify(path)
@@ -151,7 +155,7 @@ def arch_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint") 
 
 def model_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The network's parameters with the LightningModule's `model.` prefix removed."""
-    return {k[len(MODEL_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+    return {k[len(MODEL_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
 
 
 def model_from_checkpoint(path: str | Path) -> tuple[FLMTransformer, dict[str, Any]]:
@@ -160,7 +164,9 @@ def model_from_checkpoint(path: str | Path) -> tuple[FLMTransformer, dict[str, A
     model = FLMTransformer(arch)
     missing, unexpected = model.load_state_dict(model_weights(ckpt), strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match model.arch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{path}: weights do not match model.arch (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model.eval(), ckpt
 
 
@@ -206,7 +212,9 @@ def consolidate_checkpoint(folder: str | Path, out: str | Path) -> dict[str, Any
 
     folder, out = Path(folder), Path(out)
     if not is_distributed_checkpoint(folder):
-        raise CheckpointError(f"{folder} is not a distributed checkpoint folder (needs .metadata and {DISTRIBUTED_METADATA})")
+        raise CheckpointError(
+            f"{folder} is not a distributed checkpoint folder (needs .metadata and {DISTRIBUTED_METADATA})"
+        )
     meta = torch.load(folder / DISTRIBUTED_METADATA, map_location="cpu", weights_only=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = out.with_name(out.name + ".dcp.tmp")

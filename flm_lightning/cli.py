@@ -23,7 +23,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from flm_lightning.callbacks.console import FLMModelSummary, RunFacts, StepProgressBar
 from flm_lightning.checkpoint import check_checkpoint_file
 from flm_lightning.console import (
-    _import, config_files, quiet_third_party, show_project_logs, summarize_unknown_key, yaml_syntax_error,
+    _import,
+    config_files,
+    quiet_third_party,
+    show_project_logs,
+    summarize_unknown_key,
+    yaml_syntax_error,
 )
 from flm_lightning.data import MixtureDataModule
 from flm_lightning.errors import EXIT_HALTED, EXIT_USAGE, USER_ERRORS, ConfigError, TrainingHalted
@@ -92,8 +97,11 @@ class FLMCLI(LightningCLI):
 
     def before_validate(self) -> None:
         if self.trainer.is_global_zero:
-            print(start_line(self.trainer, self.datamodule, self.config_init["validate"].get("ckpt_path"), fit=False),
-                  file=sys.stderr, flush=True)
+            print(
+                start_line(self.trainer, self.datamodule, self.config_init["validate"].get("ckpt_path"), fit=False),
+                file=sys.stderr,
+                flush=True,
+            )
 
     def after_validate(self) -> None:
         if self.trainer.is_global_zero:
@@ -125,12 +133,19 @@ def derive_folders(config, subcommand: str) -> None:
     run_dir = Path(args.save_dir) / (args.get("name") or "")
     callbacks = trainer.get("callbacks") or []
     for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
-        if isinstance(callback, Namespace) and _is(callback.get("class_path"), ModelCheckpoint) \
-                and callback.init_args.get("dirpath") is None:
+        if (
+            isinstance(callback, Namespace)
+            and _is(callback.get("class_path"), ModelCheckpoint)
+            and callback.init_args.get("dirpath") is None
+        ):
             callback.init_args.dirpath = str(run_dir / "checkpoints")
     ckpt_path = config.get("ckpt_path")
-    if subcommand in ("validate", "test") and ckpt_path and _is(logger.class_path, FLMTensorBoardLogger) \
-            and args.get("version") is None:
+    if (
+        subcommand in ("validate", "test")
+        and ckpt_path
+        and _is(logger.class_path, FLMTensorBoardLogger)
+        and args.get("version") is None
+    ):
         path = resolve_last(run_dir / "checkpoints") if ckpt_path == "last" else Path(ckpt_path)
         step = checkpoint_step(path) if path is not None else None
         if step is not None:
@@ -184,8 +199,9 @@ def check_resume_arch(path: Path, model) -> None:
     arch = (model or {}).get("arch") if model is not None else None
     ours = ModelConfig(**arch.as_dict()) if isinstance(arch, Namespace) else ModelConfig()
     theirs, mine = saved.function_fields(), ours.function_fields()
-    diff = ", ".join(f"{k} is {v} in the checkpoint, {mine[k]} in the config"
-                     for k, v in theirs.items() if mine[k] != v)
+    diff = ", ".join(
+        f"{k} is {v} in the checkpoint, {mine[k]} in the config" for k, v in theirs.items() if mine[k] != v
+    )
     if diff:
         raise ConfigError(f"{path}: model.arch differs from the config's: {diff}")
 
@@ -235,8 +251,9 @@ def start_line(trainer, datamodule, ckpt_path: Optional[str], fit: bool) -> str:
         parts.append(f"checkpoints {_shown(callback.dirpath)}")
     if ckpt_path == "last":
         last = resolve_last(Path(callback.dirpath)) if callback is not None and callback.dirpath else None
-        parts.append(f"resuming {_shown(last)}" if last is not None
-                     else "no last checkpoint to resume: starting at step 0")
+        parts.append(
+            f"resuming {_shown(last)}" if last is not None else "no last checkpoint to resume: starting at step 0"
+        )
     elif ckpt_path:
         parts.append(f"checkpoint {ckpt_path}")
     cache = getattr(datamodule, "cache_path", None)
@@ -268,8 +285,9 @@ def fit_summary(trainer) -> str:
 
 
 def validate_summary(trainer) -> str:
-    metrics = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items())
-                        if k.startswith("val/"))
+    metrics = ", ".join(
+        f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")
+    )
     what = _shown(trainer.ckpt_path) if trainer.ckpt_path else "the initial weights"
     lines = [f"validated {what}" + (f": {metrics}" if metrics else "")]
     logs = _run_dir(trainer)
@@ -313,8 +331,17 @@ def summarize_parser_error(message: str) -> str:
     return f"{key}: {reason}" if key else reason
 
 
-ROOT_KEYS = {"trainer": Trainer, "model": FLMLightningModule, "data": MixtureDataModule, "ckpt_path": None,
-             "seed_everything": None, "optimizer": None, "lr_scheduler": None, "config": None, "print_config": None}
+ROOT_KEYS = {
+    "trainer": Trainer,
+    "model": FLMLightningModule,
+    "data": MixtureDataModule,
+    "ckpt_path": None,
+    "seed_everything": None,
+    "optimizer": None,
+    "lr_scheduler": None,
+    "config": None,
+    "print_config": None,
+}
 
 
 # LightningCLI's parser settings of every entry point; allow_abbrev=False: `--trainer.max_step=50` is an
@@ -420,8 +447,9 @@ def load_config(configs: Sequence[str], overrides: Sequence[str] = ()) -> ToolCo
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # a tool's argv is its own
             # No data module class: LightningCLI then makes `data` optional (any LightningDataModule, its
             # init_args checked all the same), so a model-only config serves the tools that need no data.
-            cli = _ParseOnlyCLI(FLMLightningModule, None, run=False, save_config_callback=None,
-                                parser_kwargs=PARSER_KWARGS, args=args)
+            cli = _ParseOnlyCLI(
+                FLMLightningModule, None, run=False, save_config_callback=None, parser_kwargs=PARSER_KWARGS, args=args
+            )
         values = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
         model = FLMLightningModule(**values["model"])
     except ArgumentError as e:

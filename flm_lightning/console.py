@@ -147,8 +147,9 @@ def quiet_third_party() -> None:
     self-resuming data path. Warnings about the run itself stay."""
     import warnings
 
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
     # The CLI refuses a new run in a used checkpoint folder, so this one only fires when resuming, where it is expected.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # Every step is one manual-optimisation training_step, and a checkpoint holds the state after that

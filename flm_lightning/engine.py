@@ -95,7 +95,7 @@ def split_micro_batches(batch: dict[str, torch.Tensor], micro_batches: int) -> l
     if rows % micro_batches:
         raise ConfigError(f"a batch of {rows} samples does not split into {micro_batches} equal micro-batches")
     size = rows // micro_batches
-    return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(micro_batches)]
+    return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(micro_batches)]
 
 
 def pack_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -104,8 +104,9 @@ def pack_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     labels = batch["labels"]
     teacher = batch.get("is_teacher")
     teacher = torch.zeros(labels.shape[0], dtype=labels.dtype, device=labels.device) if teacher is None else teacher
-    return torch.stack([labels, batch["loss_mask"].to(labels.dtype),
-                        teacher.to(labels.dtype)[:, None].expand_as(labels)], dim=-1)
+    return torch.stack(
+        [labels, batch["loss_mask"].to(labels.dtype), teacher.to(labels.dtype)[:, None].expand_as(labels)], dim=-1
+    )
 
 
 @dataclass
@@ -175,8 +176,10 @@ class StepEngine:
 
     def _run_pipeline(self, batch: dict[str, torch.Tensor], train: bool) -> torch.Tensor:
         if batch.get("attention_mask") is not None or batch.get("position_ids") is not None:
-            raise ConfigError("pipeline parallelism does not support document-boundary masks or position ids yet; "
-                              "turn off the data's document resets or use pipeline_parallel_size: 1")
+            raise ConfigError(
+                "pipeline parallelism does not support document-boundary masks or position ids yet; "
+                "turn off the data's document resets or use pipeline_parallel_size: 1"
+            )
         self._stage_sums = []
         kwargs = dict(target=pack_targets(batch), losses=[]) if self.has_last_stage else {}
         args = (batch["input_ids"],) if self.has_first_stage else ()
@@ -185,14 +188,15 @@ class StepEngine:
             run(*args, **kwargs)
         # The schedule's first step also calls the loss once to infer gradient shapes: the step's
         # micro-batches are the last `micro_batches` calls.
-        calls, self._stage_sums = self._stage_sums[-self.micro_batches:], []
+        calls, self._stage_sums = self._stage_sums[-self.micro_batches :], []
         sums = torch.stack(calls).sum(dim=0) if self.has_last_stage else self._zeros(batch["input_ids"])
         return self._from_last_stage(sums)
 
     # ---- steps ----------------------------------------------------------------------------------
     def loss_parts(self, batch: dict[str, torch.Tensor]) -> LossParts:
-        logits = self.model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                            attention_mask=batch.get("attention_mask"))
+        logits = self.model(
+            batch["input_ids"], position_ids=batch.get("position_ids"), attention_mask=batch.get("attention_mask")
+        )
         return freelm_loss(logits, batch)
 
     def train_step(self, batch: dict[str, torch.Tensor], backward: Callable[[torch.Tensor], None]) -> StepStats:

@@ -38,11 +38,18 @@ class FLMTensorBoardLogger(TensorBoardLogger):
         **kwargs: the other arguments of Lightning's `TensorBoardLogger`.
     """
 
-    def __init__(self, save_dir: Optional[str] = None, name: Optional[str] = "lightning_logs",
-                 version: Optional[int | str] = None, default_hp_metric: bool = False, at_step: Optional[int] = None,
-                 **kwargs: Any):
-        super().__init__(save_dir or DEFAULT_ROOT, name=name, version=version, default_hp_metric=default_hp_metric,
-                         **kwargs)
+    def __init__(
+        self,
+        save_dir: Optional[str] = None,
+        name: Optional[str] = "lightning_logs",
+        version: Optional[int | str] = None,
+        default_hp_metric: bool = False,
+        at_step: Optional[int] = None,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            save_dir or DEFAULT_ROOT, name=name, version=version, default_hp_metric=default_hp_metric, **kwargs
+        )
         self.at_step = at_step
         self._wrote_metrics = False
         self._folder_existed: Optional[bool] = None

@@ -69,10 +69,16 @@ class FLMLightningModule(L.LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.compile_blocks = compile
         # Plain containers only, so checkpoints load with weights_only=True.
-        self.save_hyperparameters({
-            "arch": self.arch.to_dict(), "optim": self.optim_cfg.to_dict(), "init_from": init_from,
-            "mup": asdict(self.mup_cfg) if self.mup_cfg is not None else None,
-            "activation_checkpointing": activation_checkpointing, "compile": compile})
+        self.save_hyperparameters(
+            {
+                "arch": self.arch.to_dict(),
+                "optim": self.optim_cfg.to_dict(),
+                "init_from": init_from,
+                "mup": asdict(self.mup_cfg) if self.mup_cfg is not None else None,
+                "activation_checkpointing": activation_checkpointing,
+                "compile": compile,
+            }
+        )
         self.model: Optional[FLMTransformer] = None
         self.engine: Optional[StepEngine] = None  # the step for this rank's model and layout
         self.flops_per_batch: Optional[int] = None  # model FLOPs of one optimizer step's batch on this rank
@@ -125,7 +131,9 @@ class FLMLightningModule(L.LightningModule):
     def _install_args(self) -> dict[str, Any]:
         trainer = self.trainer_or_none()
         micro_batches = int(getattr(getattr(trainer, "datamodule", None), "micro_batches", 1))
-        return dict(strategy=getattr(trainer, "strategy", None), compute=self._apply_compute, micro_batches=micro_batches)
+        return dict(
+            strategy=getattr(trainer, "strategy", None), compute=self._apply_compute, micro_batches=micro_batches
+        )
 
     def _apply_compute(self, model: FLMTransformer) -> None:
         """Activation checkpointing, then compile (torchtitan's order); also after growth rebuilds."""
@@ -188,7 +196,9 @@ class FLMLightningModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.build_optimizer()
         total = schedule_length(self.trainer, self.optim_cfg.decay_steps)
-        scheduler = build_scheduler(optimizer, self.optim_cfg, total, self.growth.lr_events, start_step=self.global_step)
+        scheduler = build_scheduler(
+            optimizer, self.optim_cfg, total, self.growth.lr_events, start_step=self.global_step
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- a new network (grown by flm_lightning.growth, or a grown checkpoint's) ----------------------

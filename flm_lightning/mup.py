@@ -124,10 +124,15 @@ class MuP:
             if not param.requires_grad:
                 continue
             kind = role(name)
-            group = groups.setdefault(kind, {
-                "params": [], "name": f"mup_{kind}", "lr": self.learning_rate(name),
-                "weight_decay": 0.0 if kind == "vector" else weight_decay,
-            })
+            group = groups.setdefault(
+                kind,
+                {
+                    "params": [],
+                    "name": f"mup_{kind}",
+                    "lr": self.learning_rate(name),
+                    "weight_decay": 0.0 if kind == "vector" else weight_decay,
+                },
+            )
             group["params"].append(param)
         return [groups[k] for k in ROLES if k in groups]
 

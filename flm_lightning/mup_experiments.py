@@ -60,8 +60,10 @@ def activation_scales(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[dic
     """Mean |x| of the embedding output, each block's output and the logits, and the logits."""
     scales: dict[str, float] = {}
     taps = [("embedding", model.tok_embeddings)] + [(f"block.{n}", layer) for n, layer in model.layers.items()]
-    hooks = [module.register_forward_hook(lambda m, i, out, key=key: scales.__setitem__(key, out.abs().mean().item()))
-             for key, module in taps]
+    hooks = [
+        module.register_forward_hook(lambda m, i, out, key=key: scales.__setitem__(key, out.abs().mean().item()))
+        for key, module in taps
+    ]
     try:
         logits = model(tokens)
     finally:
@@ -71,8 +73,9 @@ def activation_scales(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[dic
     return scales, logits
 
 
-def train_and_record(arch: ModelConfig, lr: float, mup: Optional[MuPConfig], tokens: torch.Tensor,
-                     steps: int, seed: int) -> list[dict[str, float]]:
+def train_and_record(
+    arch: ModelConfig, lr: float, mup: Optional[MuPConfig], tokens: torch.Tensor, steps: int, seed: int
+) -> list[dict[str, float]]:
     """Activation scales at steps 0..steps of AdamW on one fixed batch (the coordinate check's run)."""
     torch.manual_seed(seed)
     module, optimizer = build_module(arch, lr, mup)
@@ -90,16 +93,30 @@ def train_and_record(arch: ModelConfig, lr: float, mup: Optional[MuPConfig], tok
     return records
 
 
-def coord_check(arch: ModelConfig, mup: MuPConfig, lr: float, widths: Sequence[int], steps: int = 5,
-                batch_size: int = 8, seq_len: int = 64, seed: int = 0, progress=None) -> dict:
+def coord_check(
+    arch: ModelConfig,
+    mup: MuPConfig,
+    lr: float,
+    widths: Sequence[int],
+    steps: int = 5,
+    batch_size: int = 8,
+    seq_len: int = 64,
+    seed: int = 0,
+    progress=None,
+) -> dict:
     """Train each width for `steps` AdamW steps with μP and with SP on the same fixed random-token
     batch; return per parametrization, width and layer the activation scale at every step and,
     per layer, the log-log slope of the last step's scale against width."""
     archs = {width: at_width(arch, width) for width in widths}  # every width checked before any training
     seq_len = min(seq_len, arch.max_seq_len)
     tokens = torch.randint(0, arch.vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed))
-    result = {"widths": list(widths), "steps": steps, "lr": lr, "batch": [batch_size, seq_len],
-              "base_hidden_size": with_base_width(arch, mup).base_hidden_size}
+    result = {
+        "widths": list(widths),
+        "steps": steps,
+        "lr": lr,
+        "batch": [batch_size, seq_len],
+        "base_hidden_size": with_base_width(arch, mup).base_hidden_size,
+    }
     for name, cfg in (("mup", mup), ("sp", None)):
         per_width = {}
         for width in widths:
@@ -114,6 +131,7 @@ def coord_check(arch: ModelConfig, mup: MuPConfig, lr: float, widths: Sequence[i
 
 def plot_coord_check(result: dict, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -126,10 +144,19 @@ def plot_coord_check(result: dict, path: str) -> None:
             ax = axes[row][col]
             for layer in scales[str(widths[0])][step]:
                 ys = [scales[str(w)][step][layer] for w in widths]
-                ax.plot(widths, ys, marker="o", label=f"{layer} ({result[name]['slopes'][layer]:+.2f})"
-                        if step == steps else layer)
-            ax.set(xscale="log", yscale="log", xlabel="width (hidden size)", ylabel="mean |activation|",
-                   title=f"{title}, step {step}")
+                ax.plot(
+                    widths,
+                    ys,
+                    marker="o",
+                    label=f"{layer} ({result[name]['slopes'][layer]:+.2f})" if step == steps else layer,
+                )
+            ax.set(
+                xscale="log",
+                yscale="log",
+                xlabel="width (hidden size)",
+                ylabel="mean |activation|",
+                title=f"{title}, step {step}",
+            )
             ax.legend(fontsize=7, title="layer (slope at last step)" if step == steps else None, title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -155,7 +182,7 @@ def fit_power_law(params: Sequence[float], losses: Sequence[float]) -> tuple[flo
 
     def solve(c: float) -> tuple[float, float, float]:
         b, log_a = np.polyfit(log_n, np.log(y - c), 1)
-        residual = float(np.sum((np.exp(log_a) * n ** b + c - y) ** 2))
+        residual = float(np.sum((np.exp(log_a) * n**b + c - y) ** 2))
         return residual, float(np.exp(log_a)), float(b)
 
     hi = float(y.min()) * (1 - 1e-9)
@@ -178,11 +205,12 @@ def fit_power_law(params: Sequence[float], losses: Sequence[float]) -> tuple[flo
 
 
 def power_law(n: float, a: float, b: float, c: float) -> float:
-    return a * n ** b + c
+    return a * n**b + c
 
 
 def plot_prediction(points: list[dict], fit: dict, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -192,16 +220,33 @@ def plot_prediction(points: list[dict], fit: dict, path: str) -> None:
     target = fit["target_params"]
     ns = np.geomspace(min(p["params"] for p in points) / 1.3, max(target, *(p["params"] for p in points)) * 1.3, 200)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(ns, a * ns ** b + c, color="gray", label=f"L(N) = {a:.3g} N^{b:.3f} + {c:.3f}")
+    ax.plot(ns, a * ns**b + c, color="gray", label=f"L(N) = {a:.3g} N^{b:.3f} + {c:.3f}")
     ax.scatter([p["params"] for p in fitted], [p["loss"] for p in fitted], color="C0", zorder=3, label="fitted runs")
     if held:
-        ax.scatter([p["params"] for p in held], [p["loss"] for p in held], color="C3", marker="s", zorder=3,
-                   label="held-out runs (actual)")
-    ax.scatter([target], [fit["prediction"]], color="C1", marker="*", s=180, zorder=4,
-               label=f"prediction {fit['prediction']:.4f}" + (
-                   f" (actual {fit['actual']:.4f}, error {fit['error_pct']:+.2f}%)" if fit.get("actual") else ""))
-    ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel=fit.get("tag", "loss"),
-           title=f"loss at step {fit['step']} against model size")
+        ax.scatter(
+            [p["params"] for p in held],
+            [p["loss"] for p in held],
+            color="C3",
+            marker="s",
+            zorder=3,
+            label="held-out runs (actual)",
+        )
+    ax.scatter(
+        [target],
+        [fit["prediction"]],
+        color="C1",
+        marker="*",
+        s=180,
+        zorder=4,
+        label=f"prediction {fit['prediction']:.4f}"
+        + (f" (actual {fit['actual']:.4f}, error {fit['error_pct']:+.2f}%)" if fit.get("actual") else ""),
+    )
+    ax.set(
+        xscale="log",
+        xlabel="non-embedding parameters N",
+        ylabel=fit.get("tag", "loss"),
+        title=f"loss at step {fit['step']} against model size",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

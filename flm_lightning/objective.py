@@ -57,13 +57,27 @@ class LossParts:
 
     def sums(self) -> torch.Tensor:
         """The detached sums as one fp32 vector in `STAT_FIELDS` order (one collective reduces them all)."""
-        values = [self.loss_sum, self.tokens, self.lm_loss_sum, self.lm_tokens, self.teacher_loss_sum,
-                  self.teacher_tokens, self.teacher_correct]
+        values = [
+            self.loss_sum,
+            self.tokens,
+            self.lm_loss_sum,
+            self.lm_tokens,
+            self.teacher_loss_sum,
+            self.teacher_tokens,
+            self.teacher_correct,
+        ]
         return torch.stack([v.detach().to(torch.float32).reshape(()) for v in values])
 
 
-STAT_FIELDS = ("loss_sum", "tokens", "lm_loss_sum", "lm_tokens", "teacher_loss_sum", "teacher_tokens",
-               "teacher_correct")
+STAT_FIELDS = (
+    "loss_sum",
+    "tokens",
+    "lm_loss_sum",
+    "lm_tokens",
+    "teacher_loss_sum",
+    "teacher_tokens",
+    "teacher_correct",
+)
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -74,8 +74,9 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
 
-def build_adamw(model: nn.Module, cfg: OptimConfig, groups: Optional[list[dict]] = None,
-                allow_fused: bool = True) -> torch.optim.AdamW:
+def build_adamw(
+    model: nn.Module, cfg: OptimConfig, groups: Optional[list[dict]] = None, allow_fused: bool = True
+) -> torch.optim.AdamW:
     """AdamW over `groups` (default: decay on matrices, none on vectors, all at cfg.lr).
 
     The fused kernel (one launch for all parameters) when every parameter is on CUDA or every
@@ -88,9 +89,15 @@ def build_adamw(model: nn.Module, cfg: OptimConfig, groups: Optional[list[dict]]
     params = [p for group in groups for p in group["params"]]
     devices = {p.device.type for p in params}
     # Sharded (DTensor) parameters keep foreach, the path the FSDP/TP tests verify on CPU.
-    fused = (allow_fused and len(devices) == 1 and devices <= set(FUSED_ADAMW_DEVICES)
-             and not any(isinstance(p, DTensor) for p in params))
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None, foreach=None if fused else True)
+    fused = (
+        allow_fused
+        and len(devices) == 1
+        and devices <= set(FUSED_ADAMW_DEVICES)
+        and not any(isinstance(p, DTensor) for p in params)
+    )
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None, foreach=None if fused else True
+    )
 
 
 def _decayed(cfg: OptimConfig, progress: float) -> float:
@@ -120,14 +127,23 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int, events: Sequence[dict] 
         warm = event.get("rewarmup_steps", 0)
         ramp = min(1.0, (since + 1) / warm) if warm > 0 else 1.0
         if event["policy"] == "peak":
-            lr = cfg.lr * ramp if since < warm else _decayed(cfg, (since - warm) / max(total_steps - event["step"] - warm, 1))
+            lr = (
+                cfg.lr * ramp
+                if since < warm
+                else _decayed(cfg, (since - warm) / max(total_steps - event["step"] - warm, 1))
+            )
         else:
             lr *= ramp
     return lr
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
-                    events: Sequence[dict] = (), start_step: int = 0):
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    cfg: OptimConfig,
+    total_steps: int,
+    events: Sequence[dict] = (),
+    start_step: int = 0,
+):
     """LambdaLR over `lr_at`; `events` is read live, so growth events added later take effect.
 
     start_step > 0 positions a scheduler built mid-run (after a growth event) at that step.

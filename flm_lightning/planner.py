@@ -155,8 +155,14 @@ def check_plan(arch: ModelConfig, layout: Layout, workload: Workload, gpus: Opti
     if gpus is not None and dims.world_size != gpus:
         raise ConfigError(f"tp x pp x dp = {dims.world_size} does not equal --gpus {gpus}")
     micro_batches = micro_batches_per_step(workload.global_batch, layout.micro_batch, dims.dp)
-    check_layout(dims, arch, seq_len=workload.seq_len, micro_batches=micro_batches, schedule=layout.schedule,
-                 stages_per_rank=layout.stages_per_rank)
+    check_layout(
+        dims,
+        arch,
+        seq_len=workload.seq_len,
+        micro_batches=micro_batches,
+        schedule=layout.schedule,
+        stages_per_rank=layout.stages_per_rank,
+    )
     return micro_batches
 
 
@@ -216,7 +222,10 @@ def memory_per_gpu(
     first_acts = per_layer * layers_per_stage * in_flight + recompute_buffer
     last_acts = per_layer * layers_per_stage + recompute_buffer
     logit_bytes = (2 + 4 + 4) if bf16 else (4 + 4)
-    logits = tokens_per_micro * (arch.padded_vocab_size / layout.tp) * logit_bytes + 2 * tokens_per_micro * arch.hidden_size * act_bytes
+    logits = (
+        tokens_per_micro * (arch.padded_vocab_size / layout.tp) * logit_bytes
+        + 2 * tokens_per_micro * arch.hidden_size * act_bytes
+    )
 
     def state(params: float) -> tuple[float, float, float]:
         if not bf16:  # fp32 weights and grads, AdamW moments
@@ -251,8 +260,10 @@ def plan_run(
         notes.append(f"measured {tflops} TFLOP/s per GPU")
     else:
         tflops = hardware.peak_tflops * hardware.mfu * (1 - bubble) * (0.75 if layout.recompute == "full" else 1.0)
-        notes.append(f"peak {hardware.peak_tflops} x MFU {hardware.mfu} x (1 - bubble {bubble:.3f})"
-                     + (" x 3/4 (full recompute)" if layout.recompute == "full" else ""))
+        notes.append(
+            f"peak {hardware.peak_tflops} x MFU {hardware.mfu} x (1 - bubble {bubble:.3f})"
+            + (" x 3/4 (full recompute)" if layout.recompute == "full" else "")
+        )
     tokens_per_step = workload.global_batch * workload.seq_len
     flops_per_step = float(size.flops_per_token) * tokens_per_step
     steps = math.ceil(workload.tokens / tokens_per_step) if workload.tokens else 0
@@ -282,10 +293,16 @@ def candidate_layouts(arch: ModelConfig, gpus: int, workload: Workload, fixed: d
             for mb in (1, 2, 4, 8):
                 # With flash attention selective recompute saves nothing more: skip the duplicate.
                 for recompute in ("none", "full") if workload.flash else RECOMPUTE:
-                    layout = Layout(tp=tp, pp=pp, dp=gpus // (tp * pp), micro_batch=mb, recompute=recompute,
-                                    sharding=fixed.get("sharding", "distributed-optimizer"),
-                                    schedule=fixed.get("schedule", "1f1b"),
-                                    stages_per_rank=fixed.get("stages_per_rank", 1))
+                    layout = Layout(
+                        tp=tp,
+                        pp=pp,
+                        dp=gpus // (tp * pp),
+                        micro_batch=mb,
+                        recompute=recompute,
+                        sharding=fixed.get("sharding", "distributed-optimizer"),
+                        schedule=fixed.get("schedule", "1f1b"),
+                        stages_per_rank=fixed.get("stages_per_rank", 1),
+                    )
                     if any(getattr(layout, k) != v for k, v in fixed.items()):
                         continue
                     try:
@@ -302,7 +319,9 @@ def rank_layouts(arch: ModelConfig, gpus: int, workload: Workload, hardware: Har
     Tensor-parallel communication is not modelled, so a tie prefers the smaller tp and pp.
     """
     size = count_model(arch, workload.seq_len)
-    plans = [plan_run(arch, layout, workload, hardware, size) for layout in candidate_layouts(arch, gpus, workload, fixed)]
+    plans = [
+        plan_run(arch, layout, workload, hardware, size) for layout in candidate_layouts(arch, gpus, workload, fixed)
+    ]
     fitting = [p for p in plans if p.fits]
     return sorted(fitting, key=lambda p: (round(p.seconds, 3), p.layout.tp, p.layout.pp, p.memory.total))
 
@@ -333,7 +352,13 @@ def plan_schedule(stages: list[Stage]) -> dict:
     gpu_hours = sum(p.seconds * p.layout.gpus for p in plans) / 3600
     return {
         "stages": [
-            {"name": s.name, "parameters": count_model(s.arch).parameters, "tokens": s.tokens, "flops": f, **p.to_dict()}
+            {
+                "name": s.name,
+                "parameters": count_model(s.arch).parameters,
+                "tokens": s.tokens,
+                "flops": f,
+                **p.to_dict(),
+            }
             for s, p, f in zip(stages, plans, stage_flops)
         ],
         "total": {

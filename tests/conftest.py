@@ -8,8 +8,12 @@ from flm_lightning.model import ModelConfig
 # Two cores: one intra-op thread per test process keeps timings stable.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-FLM_101B_STYLE = dict(norm="layernorm", norm_eps=1e-5, activation="gelu", bias=True, position="xpos", tie_embeddings=True)
-TELE_FLM_STYLE = dict(norm="rmsnorm", norm_eps=1e-6, activation="swiglu", bias=False, position="rope", tie_embeddings=False)
+FLM_101B_STYLE = dict(
+    norm="layernorm", norm_eps=1e-5, activation="gelu", bias=True, position="xpos", tie_embeddings=True
+)
+TELE_FLM_STYLE = dict(
+    norm="rmsnorm", norm_eps=1e-6, activation="swiglu", bias=False, position="rope", tie_embeddings=False
+)
 FAMILIES = {"flm101b": FLM_101B_STYLE, "teleflm": TELE_FLM_STYLE}
 
 

@@ -40,9 +40,19 @@ def world(tmp_path_factory, docs_cache):
     (root / "busy").mkdir()
     (root / "busy" / "keep.txt").write_text("precious")
     (root / "llama").mkdir()
-    (root / "llama" / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": 400, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2}))
+    (root / "llama" / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 400,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+            }
+        )
+    )
     (root / "llama" / "model.safetensors").write_bytes(b"")
     (root / "grow.yaml").write_text("""
 trainer:
@@ -61,8 +71,11 @@ trainer:
           - {at_step: 5, arch: {n_layers: 5}, ramp_steps: 10}
           - {at_step: 8, arch: {n_layers: 6}}
 """)
-    mix = lambda name, sources: (root / name).write_text(json.dumps({"data": {
-        "class_path": "flm_lightning.data.MixtureDataModule", "init_args": {"sources": sources, "seq_len": 32}}}))
+
+    def mix(name, sources):
+        data = {"class_path": "flm_lightning.data.MixtureDataModule", "init_args": {"sources": sources, "seq_len": 32}}
+        (root / name).write_text(json.dumps({"data": data}))
+
     mix("zero.yaml", [{"path": str(root / "data"), "weight": 0.0}])
     mix("missing.yaml", [{"path": str(root / "nowhere")}])
     mix("mismatch.yaml", [{"path": str(root / "data")}, {"path": str(root / "other_tok"), "name": "b"}])
@@ -76,15 +89,35 @@ trainer:
 
 
 def fit(*extra):
-    return lambda root, cache: (cli_main, ["fit", "-c", TINY, f"--data.cache_dir={cache}", "--trainer.logger=false",
-                                           "--trainer.max_steps=1", *[e.format(root=root) for e in extra]])
+    return lambda root, cache: (
+        cli_main,
+        [
+            "fit",
+            "-c",
+            TINY,
+            f"--data.cache_dir={cache}",
+            "--trainer.logger=false",
+            "--trainer.max_steps=1",
+            *[e.format(root=root) for e in extra],
+        ],
+    )
 
 
 def fit_with(config, *extra):
-    return lambda root, cache: (cli_main, ["fit", "-c", TINY, "-c", str(root / config), "--trainer.logger=false",
-                                           "--trainer.max_steps=1", f"--data.init_args.cache_dir={cache}"
-                                           if config.startswith(("grow", "ramp")) else "--trainer.max_steps=1",
-                                           *[e.format(root=root) for e in extra]])
+    return lambda root, cache: (
+        cli_main,
+        [
+            "fit",
+            "-c",
+            TINY,
+            "-c",
+            str(root / config),
+            "--trainer.logger=false",
+            "--trainer.max_steps=1",
+            f"--data.init_args.cache_dir={cache}" if config.startswith(("grow", "ramp")) else "--trainer.max_steps=1",
+            *[e.format(root=root) for e in extra],
+        ],
+    )
 
 
 def tool(*args):
@@ -93,31 +126,51 @@ def tool(*args):
 
 CATALOGUE = [
     # --- configs and CLI arguments of main.py
-    ("hidden not divisible by heads", fit("--model.arch.hidden_size=130"), "model.arch.hidden_size (130) is not divisible"),
+    (
+        "hidden not divisible by heads",
+        fit("--model.arch.hidden_size=130"),
+        "model.arch.hidden_size (130) is not divisible",
+    ),
     ("unknown norm", fit("--model.arch.norm=batchnorm"), "model.arch.norm must be one of"),
     ("unknown activation", fit("--model.arch.activation=relu"), "model.arch.activation must be one of"),
     ("unknown position", fit("--model.arch.position=alibi"), "model.arch.position must be one of"),
     ("negative layers", fit("--model.arch.n_layers=-2"), "model.arch.n_layers must be a positive integer"),
     ("non-integer heads", fit("--model.arch.n_heads=four"), "model.arch.n_heads: expected"),
-    ("vocab smaller than the tokenizer", fit("--model.arch.vocab_size=1000"), "smaller than the tokenizer's vocabulary"),
+    (
+        "vocab smaller than the tokenizer",
+        fit("--model.arch.vocab_size=1000"),
+        "smaller than the tokenizer's vocabulary",
+    ),
     ("negative learning rate", fit("--model.optim.lr=-1"), "model.optim.lr must be > 0"),
     ("min_lr above lr", fit("--model.optim.min_lr=1.0"), "model.optim.min_lr must be in"),
     ("unknown LR decay", fit("--model.optim.decay=step"), "model.optim.decay must be one of"),
     ("zero batch size", fit("--data.batch_size=0"), "data.batch_size must be a positive integer"),
     ("validation fraction above 1", fit("--data.val_fraction=1.5"), "data.val_fraction must be in (0, 1)"),
-    ("unknown trainer option", fit("--trainer.max_stepz=3"),
-     "unknown key trainer.max_stepz (did you mean max_steps?)"),
-    ("abbreviated trainer option", fit("--trainer.max_step=3"),
-     "unknown key trainer.max_step (did you mean max_steps?)"),
-    ("unknown nested key", fit("--model.arch.n_layer=6"),
-     "unknown key model.arch.n_layer (did you mean n_layers?)"),
+    ("unknown trainer option", fit("--trainer.max_stepz=3"), "unknown key trainer.max_stepz (did you mean max_steps?)"),
+    (
+        "abbreviated trainer option",
+        fit("--trainer.max_step=3"),
+        "unknown key trainer.max_step (did you mean max_steps?)",
+    ),
+    ("unknown nested key", fit("--model.arch.n_layer=6"), "unknown key model.arch.n_layer (did you mean n_layers?)"),
     ("invalid precision", fit("--trainer.precision=17"), "trainer.precision: invalid value"),
     ("missing config file", lambda root, cache: (cli_main, ["fit", "-c", str(root / "nope.yaml")]), "nope.yaml"),
     ("init_from another architecture", fit("--model.init_from={root}/model.ckpt"), "model.init_from"),
-    ("unknown attention backend", fit("--model.arch.attention_backend=xformers"), "model.arch.attention_backend must be one of"),
-    ("attention backend not installed", fit("--model.arch.attention_backend=flash"),
-     "model.arch.attention_backend=flash cannot run: the flash_attn package is not installed"),
-    ("unknown activation checkpointing", fit("--model.activation_checkpointing=most"), "model.activation_checkpointing must be one of"),
+    (
+        "unknown attention backend",
+        fit("--model.arch.attention_backend=xformers"),
+        "model.arch.attention_backend must be one of",
+    ),
+    (
+        "attention backend not installed",
+        fit("--model.arch.attention_backend=flash"),
+        "model.arch.attention_backend=flash cannot run: the flash_attn package is not installed",
+    ),
+    (
+        "unknown activation checkpointing",
+        fit("--model.activation_checkpointing=most"),
+        "model.activation_checkpointing must be one of",
+    ),
     ("growth that shrinks", fit_with("grow.yaml"), "GrowthCallback stage 0: growth cannot shrink"),
     ("growth inside a ramp", fit_with("ramp.yaml"), "starts during the ramp"),
     # --- data
@@ -126,31 +179,116 @@ CATALOGUE = [
     ("sources with different tokenizers", fit_with("mismatch.yaml"), "prepared with a different tokenizer"),
     ("truncated shard", fit_with("torn.yaml"), "truncated or missing"),
     ("token ids beyond the vocabulary", fit_with("ok.yaml", "--model.arch.vocab_size=300"), "vocab"),
-    ("prepare: missing input", tool("prepare", "--input", "{root}/none", "--output", "{root}/o1", "--vocab-size", "300"), "no such file"),
-    ("prepare: empty input", tool("prepare", "--input", "{root}/empty.txt", "--output", "{root}/o2", "--vocab-size", "300"), "holds no text"),
-    ("prepare: JSONL line not JSON", tool("prepare", "--input", "{root}/bad.jsonl", "--output", "{root}/o3", "--vocab-size", "300"), "bad.jsonl:2: not a JSON object"),
-    ("prepare: output already prepared", tool("prepare", "--input", "{root}/text", "--output", "{root}/data", "--vocab-size", "300"), "already prepared"),
-    ("prepare: vocabulary too small", tool("prepare", "--input", "{root}/text", "--output", "{root}/o4", "--vocab-size", "100"), "--vocab-size must be at least"),
+    (
+        "prepare: missing input",
+        tool("prepare", "--input", "{root}/none", "--output", "{root}/o1", "--vocab-size", "300"),
+        "no such file",
+    ),
+    (
+        "prepare: empty input",
+        tool("prepare", "--input", "{root}/empty.txt", "--output", "{root}/o2", "--vocab-size", "300"),
+        "holds no text",
+    ),
+    (
+        "prepare: JSONL line not JSON",
+        tool("prepare", "--input", "{root}/bad.jsonl", "--output", "{root}/o3", "--vocab-size", "300"),
+        "bad.jsonl:2: not a JSON object",
+    ),
+    (
+        "prepare: output already prepared",
+        tool("prepare", "--input", "{root}/text", "--output", "{root}/data", "--vocab-size", "300"),
+        "already prepared",
+    ),
+    (
+        "prepare: vocabulary too small",
+        tool("prepare", "--input", "{root}/text", "--output", "{root}/o4", "--vocab-size", "100"),
+        "--vocab-size must be at least",
+    ),
     # --- checkpoints and model directories
-    ("validate: corrupted checkpoint", lambda root, cache: (cli_main, ["validate", "-c", TINY, f"--ckpt_path={root}/zeros.ckpt", "--trainer.logger=false"]), "zeros.ckpt cannot be read"),
-    ("export: unknown family", tool("export-hf", "--ckpt", "{root}/foreign.ckpt", "--out", "{root}/x1"), "not a model of a known family"),
-    ("export: busy output folder", tool("export-hf", "--ckpt", "{root}/model.ckpt", "--out", "{root}/busy"), "exists and is not empty"),
-    ("export: missing checkpoint", tool("export-hf", "--ckpt", "{root}/none.ckpt", "--out", "{root}/x2"), "does not exist"),
-    ("import: unsupported Llama features", tool("import-hf", "--model", "{root}/llama", "--out", "{root}/x3.ckpt"), "grouped-query attention"),
-    ("grow: target smaller than the model", tool("grow", "--ckpt", "{root}/model.ckpt", "--config", "{root}/small.yaml", "--out", "{root}/x4.ckpt"), "cannot shrink"),
-    ("generate: no tokenizer in the checkpoint", tool("generate", "--ckpt", "{root}/model.ckpt", "--prompt", "hi"), "carries no tokenizer"),
-    ("info: invalid preset", tool("info", "-c", "{root}/info_bad.yaml"), "model.arch.hidden_size (100) is not divisible"),
-    ("bench: --set without a value", tool("bench", "-c", "conf/tiny.yaml", "--set", "model.compile"), "--set expects KEY=VALUE"),
+    (
+        "validate: corrupted checkpoint",
+        lambda root, cache: (
+            cli_main,
+            ["validate", "-c", TINY, f"--ckpt_path={root}/zeros.ckpt", "--trainer.logger=false"],
+        ),
+        "zeros.ckpt cannot be read",
+    ),
+    (
+        "export: unknown family",
+        tool("export-hf", "--ckpt", "{root}/foreign.ckpt", "--out", "{root}/x1"),
+        "not a model of a known family",
+    ),
+    (
+        "export: busy output folder",
+        tool("export-hf", "--ckpt", "{root}/model.ckpt", "--out", "{root}/busy"),
+        "exists and is not empty",
+    ),
+    (
+        "export: missing checkpoint",
+        tool("export-hf", "--ckpt", "{root}/none.ckpt", "--out", "{root}/x2"),
+        "does not exist",
+    ),
+    (
+        "import: unsupported Llama features",
+        tool("import-hf", "--model", "{root}/llama", "--out", "{root}/x3.ckpt"),
+        "grouped-query attention",
+    ),
+    (
+        "grow: target smaller than the model",
+        tool("grow", "--ckpt", "{root}/model.ckpt", "--config", "{root}/small.yaml", "--out", "{root}/x4.ckpt"),
+        "cannot shrink",
+    ),
+    (
+        "generate: no tokenizer in the checkpoint",
+        tool("generate", "--ckpt", "{root}/model.ckpt", "--prompt", "hi"),
+        "carries no tokenizer",
+    ),
+    (
+        "info: invalid preset",
+        tool("info", "-c", "{root}/info_bad.yaml"),
+        "model.arch.hidden_size (100) is not divisible",
+    ),
+    (
+        "bench: --set without a value",
+        tool("bench", "-c", "conf/tiny.yaml", "--set", "model.compile"),
+        "--set expects KEY=VALUE",
+    ),
     ("bench: zero steps", tool("bench", "-c", "conf/tiny.yaml", "--steps", "0"), "--steps must be a positive integer"),
-    ("coord-check: config without model.mup", tool("coord-check", "-c", "{root}/small.yaml", "--out", "{root}/cc"), "has no model.mup section"),
-    ("coord-check: width not a multiple of the head", tool("coord-check", "-c", "conf/mup_sweep.yaml", "--widths", "32,40", "--out", "{root}/cc"), "width 40 is not a positive multiple of the head size 16"),
-    ("predict-loss: fewer than 4 runs", tool("predict-loss", "--csv", "{root}/three_runs.csv", "--target-params", "1e6", "--out", "{root}/pl"), "needs at least 4 runs, got 3"),
-    ("predict-loss: loss rising with size", tool("predict-loss", "--csv", "{root}/rising.csv", "--target-params", "1e6", "--out", "{root}/pl"), "the losses do not fall with size"),
-    ("predict-loss: no runs in the folder", tool("predict-loss", "--runs", "{root}/text", "--target-params", "1e6", "--out", "{root}/pl"), "holds no TensorBoard event files"),
-    ("plan: tp not dividing heads", tool("plan", "-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "3", "--pp", "1"),
-     "trainer.strategy.tensor_parallel_size=3 does not divide model.arch.n_heads (80)"),
-    ("info: unknown key in --set", tool("info", "-c", "conf/tiny.yaml", "-c", "{root}/small.yaml", "--set",
-                                        "model.arch.n_layer=6"), "unknown key model.arch.n_layer (did you mean n_layers?)"),
+    (
+        "coord-check: config without model.mup",
+        tool("coord-check", "-c", "{root}/small.yaml", "--out", "{root}/cc"),
+        "has no model.mup section",
+    ),
+    (
+        "coord-check: width not a multiple of the head",
+        tool("coord-check", "-c", "conf/mup_sweep.yaml", "--widths", "32,40", "--out", "{root}/cc"),
+        "width 40 is not a positive multiple of the head size 16",
+    ),
+    (
+        "predict-loss: fewer than 4 runs",
+        tool("predict-loss", "--csv", "{root}/three_runs.csv", "--target-params", "1e6", "--out", "{root}/pl"),
+        "needs at least 4 runs, got 3",
+    ),
+    (
+        "predict-loss: loss rising with size",
+        tool("predict-loss", "--csv", "{root}/rising.csv", "--target-params", "1e6", "--out", "{root}/pl"),
+        "the losses do not fall with size",
+    ),
+    (
+        "predict-loss: no runs in the folder",
+        tool("predict-loss", "--runs", "{root}/text", "--target-params", "1e6", "--out", "{root}/pl"),
+        "holds no TensorBoard event files",
+    ),
+    (
+        "plan: tp not dividing heads",
+        tool("plan", "-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "3", "--pp", "1"),
+        "trainer.strategy.tensor_parallel_size=3 does not divide model.arch.n_heads (80)",
+    ),
+    (
+        "info: unknown key in --set",
+        tool("info", "-c", "conf/tiny.yaml", "-c", "{root}/small.yaml", "--set", "model.arch.n_layer=6"),
+        "unknown key model.arch.n_layer (did you mean n_layers?)",
+    ),
 ]
 
 

@@ -7,15 +7,16 @@ import sys
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import TINY
 from flm_lightning.cli import main
+from tests.conftest import TINY
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 def _common(cache, tmp):
     return [
-        "-c", TINY,
+        "-c",
+        TINY,
         f"--data.cache_dir={cache}",
         f"--trainer.logger.init_args.save_dir={tmp}",
         "--trainer.limit_val_batches=4",
@@ -27,8 +28,16 @@ def _common(cache, tmp):
 def tiny_run(docs_cache, tmp_path_factory):
     """30 steps of the tiny config with validation every 15 steps."""
     tmp = tmp_path_factory.mktemp("run")
-    cli = main(["fit", *_common(docs_cache, tmp), "--trainer.max_steps=30", "--trainer.val_check_interval=15",
-                "--model.optim.warmup_steps=5", "--trainer.log_every_n_steps=1"])
+    cli = main(
+        [
+            "fit",
+            *_common(docs_cache, tmp),
+            "--trainer.max_steps=30",
+            "--trainer.val_check_interval=15",
+            "--model.optim.warmup_steps=5",
+            "--trainer.log_every_n_steps=1",
+        ]
+    )
     events = glob.glob(f"{tmp}/tiny/version_0/events.out.tfevents.*")
     assert len(events) == 1
     acc = EventAccumulator(events[0], size_guidance={"tensors": 0})
@@ -39,8 +48,17 @@ def tiny_run(docs_cache, tmp_path_factory):
 def test_fit_logs_everything_to_tensorboard(tiny_run):
     _, acc, _ = tiny_run
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/ppl", "train/lm_loss", "train/grad_norm", "val/loss", "val/ppl",
-                "train/lr", "throughput/tokens_per_sec", "throughput/tflops"):
+    for tag in (
+        "train/loss",
+        "train/ppl",
+        "train/lm_loss",
+        "train/grad_norm",
+        "val/loss",
+        "val/ppl",
+        "train/lr",
+        "throughput/tokens_per_sec",
+        "throughput/tflops",
+    ):
         assert tag in tags, tag
     # One LR curve (AdamW's decay / no_decay groups share it) and no epoch counter in a step-based run.
     assert not any(t.startswith("lr-") or t.startswith("train/lr/") or t == "epoch" for t in tags), sorted(tags)
@@ -69,7 +87,9 @@ def test_validate_reproduces_last_val_loss(tiny_run, docs_cache):
     ckpts = glob.glob(f"{tmp}/tiny/checkpoints/last.ckpt")
     assert ckpts
     again = main(["validate", *_common(docs_cache, tmp), "--trainer.logger=false", f"--ckpt_path={ckpts[0]}"])
-    assert again.trainer.callback_metrics["val/loss"].item() == pytest.approx(acc.Scalars("val/loss")[-1].value, abs=1e-6)
+    assert again.trainer.callback_metrics["val/loss"].item() == pytest.approx(
+        acc.Scalars("val/loss")[-1].value, abs=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -80,7 +100,10 @@ def test_validate_reproduces_last_val_loss(tiny_run, docs_cache):
         ("--model.arch.activation=relu", "model.arch.activation must be one of"),
         ("--model.arch.n_layers=-2", "model.arch.n_layers must be a positive integer"),
         ("--model.arch.n_heads=four", "model.arch.n_heads: expected"),
-        ("--model.arch.vocab_size=1000", "model.arch.vocab_size (1000) is smaller than the tokenizer's vocabulary (2048)"),
+        (
+            "--model.arch.vocab_size=1000",
+            "model.arch.vocab_size (1000) is smaller than the tokenizer's vocabulary (2048)",
+        ),
         ("--model.optim.lr=-1", "model.optim.lr must be > 0"),
         ("--data.batch_size=0", "data.batch_size must be a positive integer"),
         ("--trainer.max_stepz=3", "unknown key trainer.max_stepz (did you mean max_steps?)"),
@@ -113,8 +136,17 @@ def test_missing_config_file(tmp_path, capsys):
 
 
 def test_bf16_mixed_fit_runs(docs_cache, tmp_path):
-    cli = main(["fit", *_common(docs_cache, tmp_path), "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-                "--trainer.callbacks=null", "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
-                "--trainer.precision=bf16-mixed"])
+    cli = main(
+        [
+            "fit",
+            *_common(docs_cache, tmp_path),
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.callbacks=null",
+            "--trainer.max_steps=3",
+            "--trainer.limit_val_batches=0",
+            "--trainer.precision=bf16-mixed",
+        ]
+    )
     loss = cli.trainer.callback_metrics["train/loss"].item()
     assert cli.trainer.global_step == 3 and 6.0 < loss < 8.0

@@ -11,14 +11,14 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from tests.conftest import TINY
 from flm_lightning.data import MixtureDataModule, SourceSpec, TeacherSpec, TextDataModule, prepare
 from flm_lightning.data.corpus import python_docs
 from flm_lightning.data.mixture import ResumableSampler, blend, document_masks
 from flm_lightning.data.shards import PreparedCorpus
 from flm_lightning.errors import ConfigError, DataError
+from tests.conftest import TINY
 
-LABELS = ("\U0001F608", "\U0001F621")
+LABELS = ("\U0001f608", "\U0001f621")
 EN = [f"Document {i}: the quick brown fox jumps over the lazy dog. " * 8 for i in range(60)]
 ZH = [f"第{i}段：北京市是中国的首都，长城很长。" * 10 for i in range(60)]
 
@@ -46,8 +46,17 @@ def prepared(raw, tmp_path_factory):
     prepare([str(raw / "both")], str(out / "tok"), vocab_size=600, special_tokens=LABELS, progress=False)
     tokenizer = str(out / "tok" / "tokenizer.json")
     prepare([str(raw / "en")], str(out / "en"), tokenizer=tokenizer, domain="en", val_fraction=0.1, progress=False)
-    prepare([str(raw / "zh.parquet")], str(out / "zh"), tokenizer=tokenizer, domain="zh", text_field="content",
-            val_fraction=0.1, workers=2, shard_tokens=2000, progress=False)
+    prepare(
+        [str(raw / "zh.parquet")],
+        str(out / "zh"),
+        tokenizer=tokenizer,
+        domain="zh",
+        text_field="content",
+        val_fraction=0.1,
+        workers=2,
+        shard_tokens=2000,
+        progress=False,
+    )
     return out
 
 
@@ -119,17 +128,21 @@ def test_bad_inputs(tmp_path):
 
 def test_tokenizer_mismatch_between_sources(prepared, raw, tmp_path):
     prepare([str(raw / "en")], str(tmp_path / "other"), vocab_size=400, progress=False)
-    dm = MixtureDataModule(sources=[SourceSpec(str(prepared / "en")), SourceSpec(str(tmp_path / "other"), name="o")],
-                           seq_len=16)
+    dm = MixtureDataModule(
+        sources=[SourceSpec(str(prepared / "en")), SourceSpec(str(tmp_path / "other"), name="o")], seq_len=16
+    )
     with pytest.raises(DataError, match="different tokenizer"):
         dm.setup("fit")
 
 
-@pytest.mark.parametrize("sources, message", [
-    ([{"path": "x", "weight": -1.0}], "weight must be >= 0"),
-    ([{"path": "x", "weight": 0.0}], "weights are all zero"),
-    ([{"path": "x", "epochs": 0.0}], "epochs > 0"),
-])
+@pytest.mark.parametrize(
+    "sources, message",
+    [
+        ([{"path": "x", "weight": -1.0}], "weight must be >= 0"),
+        ([{"path": "x", "weight": 0.0}], "weights are all zero"),
+        ([{"path": "x", "epochs": 0.0}], "epochs > 0"),
+    ],
+)
 def test_bad_mixture_settings(sources, message):
     with pytest.raises(ConfigError, match=message):
         MixtureDataModule(sources=sources)
@@ -160,12 +173,18 @@ def test_document_masks():
 
 
 def test_teacher_samples_and_masks(prepared, tmp_path):
-    records = [{"text": "2 plus 2.", "proposition": "The sum is 4.", "label": True},
-               {"text": "2 plus 2.", "proposition": "The sum is 5.", "label": False},
-               {"prompt": "Say hi.", "response": "hi there"}] * 10
+    records = [
+        {"text": "2 plus 2.", "proposition": "The sum is 4.", "label": True},
+        {"text": "2 plus 2.", "proposition": "The sum is 5.", "label": False},
+        {"prompt": "Say hi.", "response": "hi there"},
+    ] * 10
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    dm = MixtureDataModule(sources=[SourceSpec(str(prepared / "en"))], seq_len=32, batch_size=8,
-                           teacher=TeacherSpec(str(tmp_path / "t.jsonl"), ratio=0.25, val_fraction=0.0))
+    dm = MixtureDataModule(
+        sources=[SourceSpec(str(prepared / "en"))],
+        seq_len=32,
+        batch_size=8,
+        teacher=TeacherSpec(str(tmp_path / "t.jsonl"), ratio=0.25, val_fraction=0.0),
+    )
     dm.setup("fit")
     tok = dm.tokenizer
     true_id, false_id = tok.token_to_id(LABELS[0]), tok.token_to_id(LABELS[1])
@@ -189,8 +208,11 @@ def test_teacher_samples_and_masks(prepared, tmp_path):
 
 def test_label_token_must_be_one_token(prepared, tmp_path):
     (tmp_path / "t.jsonl").write_text(json.dumps({"text": "a", "proposition": "b", "label": True}))
-    dm = MixtureDataModule(sources=[SourceSpec(str(prepared / "en"))], seq_len=16,
-                           teacher=TeacherSpec(str(tmp_path / "t.jsonl"), true_token="verdict-yes"))
+    dm = MixtureDataModule(
+        sources=[SourceSpec(str(prepared / "en"))],
+        seq_len=16,
+        teacher=TeacherSpec(str(tmp_path / "t.jsonl"), true_token="verdict-yes"),
+    )
     with pytest.raises(DataError, match="--special-tokens"):
         dm.setup("fit")
 
@@ -205,7 +227,7 @@ def _stream(dm, start, world, steps):
     merged = []
     for step in range(steps):
         for rank in range(world):
-            merged += rows[rank][step * dm.batch_size:(step + 1) * dm.batch_size]
+            merged += rows[rank][step * dm.batch_size : (step + 1) * dm.batch_size]
     return [dataset[i]["input_ids"] for i in merged]
 
 
@@ -215,8 +237,12 @@ class _FakeTrainer:
 
 def test_exact_resume_of_the_data_order(prepared):
     def module():
-        dm = MixtureDataModule(sources=[SourceSpec(str(prepared / "en"), 0.6), SourceSpec(str(prepared / "zh"), 0.4)],
-                               seq_len=16, batch_size=4, seed=7)
+        dm = MixtureDataModule(
+            sources=[SourceSpec(str(prepared / "en"), 0.6), SourceSpec(str(prepared / "zh"), 0.4)],
+            seq_len=16,
+            batch_size=4,
+            seed=7,
+        )
         dm.trainer = _FakeTrainer()
         dm.setup("fit")
         return dm
@@ -251,12 +277,40 @@ def test_builtin_corpus_is_real_text():
 
 
 def test_prepare_cli(raw, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "flm_lightning", "prepare", "--input", str(raw / "en"),
-                          "--output", str(tmp_path / "p"), "--vocab-size", "300"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flm_lightning",
+            "prepare",
+            "--input",
+            str(raw / "en"),
+            "--output",
+            str(tmp_path / "p"),
+            "--vocab-size",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert "60 documents" in out.stdout and (tmp_path / "p" / "manifest.json").is_file()
-    again = subprocess.run([sys.executable, "-m", "flm_lightning", "prepare", "--input", str(raw / "en"),
-                            "--output", str(tmp_path / "p"), "--vocab-size", "300"], capture_output=True, text=True)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flm_lightning",
+            "prepare",
+            "--input",
+            str(raw / "en"),
+            "--output",
+            str(tmp_path / "p"),
+            "--vocab-size",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 2 and "already prepared" in again.stderr
 
 
@@ -266,26 +320,38 @@ def test_two_domain_mixture_through_the_cli(prepared, tmp_path):
 
     from flm_lightning.cli import main
 
-    records = [{"text": f"{a} plus {b}.", "proposition": f"The sum is {a + b + (i % 2)}.", "label": i % 2 == 0}
-               for i, (a, b) in enumerate((i % 7, i % 5) for i in range(40))]
+    records = [
+        {"text": f"{a} plus {b}.", "proposition": f"The sum is {a + b + (i % 2)}.", "label": i % 2 == 0}
+        for i, (a, b) in enumerate((i % 7, i % 5) for i in range(40))
+    ]
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     (tmp_path / "mix.yaml").write_text(f"""
 data:
   class_path: flm_lightning.data.MixtureDataModule
   init_args:
     sources:
-      - {{path: {prepared / 'en'}, weight: 0.6}}
-      - {{path: {prepared / 'zh'}, weight: 0.4, epochs: 50}}
-    teacher: {{path: {tmp_path / 't.jsonl'}, ratio: 0.25}}
+      - {{path: {prepared / "en"}, weight: 0.6}}
+      - {{path: {prepared / "zh"}, weight: 0.4, epochs: 50}}
+    teacher: {{path: {tmp_path / "t.jsonl"}, ratio: 0.25}}
     seq_len: 32
     batch_size: 8
     reset_at_document_boundaries: true
 model:
   arch: {{vocab_size: 640, max_seq_len: 32}}
 """)
-    args = ["fit", "-c", TINY, "-c", str(tmp_path / "mix.yaml"), "--trainer.max_steps=12",
-            "--trainer.val_check_interval=6", f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=2"]
+    args = [
+        "fit",
+        "-c",
+        TINY,
+        "-c",
+        str(tmp_path / "mix.yaml"),
+        "--trainer.max_steps=12",
+        "--trainer.val_check_interval=6",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.log_every_n_steps=2",
+    ]
     main(args)
     acc = EventAccumulator(next((tmp_path / "tiny").glob("version_0/events.out.tfevents.*")).as_posix())
     acc.Reload()
@@ -309,12 +375,28 @@ def test_resumed_fit_sees_the_same_batches_and_losses(docs_cache, tmp_path):
     from flm_lightning.cli import main
 
     def run(name, *extra):
-        main(["fit", "-c", TINY, f"--data.cache_dir={docs_cache}", "--data.seq_len=32", "--data.batch_size=4",
-              "--model.arch.n_layers=2", "--trainer.max_steps=12", "--trainer.limit_val_batches=0",
-              f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.logger.init_args.name={name}",
-              "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
-              "--trainer.enable_model_summary=false", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-              "--trainer.callbacks.every_n_train_steps=6", "--trainer.callbacks.save_top_k=-1", *extra])
+        main(
+            [
+                "fit",
+                "-c",
+                TINY,
+                f"--data.cache_dir={docs_cache}",
+                "--data.seq_len=32",
+                "--data.batch_size=4",
+                "--model.arch.n_layers=2",
+                "--trainer.max_steps=12",
+                "--trainer.limit_val_batches=0",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+                f"--trainer.logger.init_args.name={name}",
+                "--trainer.log_every_n_steps=1",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+                "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                "--trainer.callbacks.every_n_train_steps=6",
+                "--trainer.callbacks.save_top_k=-1",
+                *extra,
+            ]
+        )
         acc = EventAccumulator(next((tmp_path / name).glob("version_*/events.out.tfevents.*")).as_posix())
         acc.Reload()
         return {e.step: e.value for e in acc.Scalars("train/loss")}

@@ -14,8 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SELECTED = "parity sdpa_compiled fit_fsdp2"
-NO_EDITABLE = ("import sys\n"
-               "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]\n")
+NO_EDITABLE = (
+    "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]\n"
+)
 
 
 def _probe_wheel(folder: Path) -> None:
@@ -41,12 +42,26 @@ def dry_run(tmp_path_factory, docs_cache):
     bare = tmp / "bare"
     bare.mkdir()
     (bare / "sitecustomize.py").write_text(NO_EDITABLE)
-    env = {**os.environ, "PYTHONPATH": str(bare), "GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_ONLY": SELECTED,
-           "GPU_CHECK_WHEELS": str(wheels),
-           "GPU_CHECK_SITE": str(tmp / "site"), "GPU_CHECK_CACHE_DIR": str(docs_cache),
-           "GPU_CHECK_SCRATCH": str(tmp / "scratch"), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp / "out")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(bare),
+        "GPU_CHECK_DRY_RUN": "1",
+        "GPU_CHECK_ONLY": SELECTED,
+        "GPU_CHECK_WHEELS": str(wheels),
+        "GPU_CHECK_SITE": str(tmp / "site"),
+        "GPU_CHECK_CACHE_DIR": str(docs_cache),
+        "GPU_CHECK_SCRATCH": str(tmp / "scratch"),
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", str(tmp / "out")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return done, tmp
 
 
@@ -73,8 +88,16 @@ def test_cpu_smoke_run_writes_every_part_under_one_folder(dry_run):
     assert bench["overrides"][-1] == "model.compile=true" and bench["median_ratio"] > 0
     assert list((out / "fit_fsdp2").glob("**/events.out.tfevents.*")), "the fit logs to TensorBoard under OUT"
     summary = (out / "summary.md").read_text()
-    for part in ("## Stages", "## Attention backends", "## Attention parity", "## Throughput", "| sdpa_compiled |",
-                 "FLMParallelStrategy 1x1x1", "| fit_fsdp2 | 2 |", "CPU dry run"):
+    for part in (
+        "## Stages",
+        "## Attention backends",
+        "## Attention parity",
+        "## Throughput",
+        "| sdpa_compiled |",
+        "FLMParallelStrategy 1x1x1",
+        "| fit_fsdp2 | 2 |",
+        "CPU dry run",
+    ):
         assert part in summary, part
     assert summary in done.stdout  # printed at the end too
 
@@ -117,8 +140,10 @@ def test_compile_backend_comes_from_the_environment(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="flm_lightning.parallel.compute"):
         apply_compile(model)
         apply_compile(model, backend="eager")
-    assert [r.getMessage() for r in caplog.records] == ["torch.compile (aot_eager) on 2 blocks",
-                                                        "torch.compile (eager) on 2 blocks"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "torch.compile (aot_eager) on 2 blocks",
+        "torch.compile (eager) on 2 blocks",
+    ]
 
 
 def test_a_checkout_without_pip_install_finds_the_callbacks():
@@ -138,7 +163,8 @@ def test_cuda_layout_overlay_is_one_process_fsdp2_with_bf16_params():
     strategy = trainer["strategy"]["init_args"]
     assert trainer["accelerator"] == "gpu" and trainer["use_distributed_sampler"] is False
     assert (strategy["param_dtype"], strategy["reduce_dtype"]) == ("bfloat16", "float32")
-    dims = ParallelDims.infer(trainer["devices"], tp=strategy["tensor_parallel_size"],
-                              pp=strategy["pipeline_parallel_size"])
+    dims = ParallelDims.infer(
+        trainer["devices"], tp=strategy["tensor_parallel_size"], pp=strategy["pipeline_parallel_size"]
+    )
     check_layout(dims, config.arch, seq_len=config.seq_len)
     assert dims.shape == (1, 1, 1)

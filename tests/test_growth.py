@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from flm_lightning.callbacks import GrowthCallback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from flm_lightning.callbacks import GrowthCallback
 from flm_lightning.cli import main
 from flm_lightning.errors import ConfigError
 from flm_lightning.growth import GrowthMasks, grow, layer_order, masked_norm, transfer_adam_state
@@ -198,10 +198,24 @@ trainer:
 def growth_run(docs_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grow")
     (tmp / "grow.yaml").write_text(GROWTH_YAML)
-    cli = main(["fit", "-c", TINY, "-c", str(tmp / "grow.yaml"), f"--data.cache_dir={docs_cache}",
-                f"--trainer.logger.init_args.save_dir={tmp}", "--trainer.max_steps=24", "--trainer.val_check_interval=16",
-                "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
-                "--trainer.enable_model_summary=false", "--model.optim.warmup_steps=2"])
+    cli = main(
+        [
+            "fit",
+            "-c",
+            TINY,
+            "-c",
+            str(tmp / "grow.yaml"),
+            f"--data.cache_dir={docs_cache}",
+            f"--trainer.logger.init_args.save_dir={tmp}",
+            "--trainer.max_steps=24",
+            "--trainer.val_check_interval=16",
+            "--trainer.limit_val_batches=2",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--model.optim.warmup_steps=2",
+        ]
+    )
     acc = EventAccumulator(glob.glob(f"{tmp}/tiny/version_0/events.out.tfevents.*")[0])
     acc.Reload()
     return cli, acc, tmp
@@ -212,7 +226,9 @@ def test_growth_callback_grows_during_fit(growth_run):
     module = cli.model
     assert (module.arch.hidden_size, module.arch.n_heads, module.arch.n_layers) == (192, 6, 6)
     assert module.model.layers["5"].feed_forward.w1.weight.shape == (512, 192)
-    assert module.growth_ramp is None and not any(m._forward_hooks or m._forward_pre_hooks for m in module.model.modules())
+    assert module.growth_ramp is None and not any(
+        m._forward_hooks or m._forward_pre_hooks for m in module.model.modules()
+    )
     before = [e.value for e in acc.Scalars("growth/loss_before")]
     after = [e.value for e in acc.Scalars("growth/loss_after")]
     assert len(before) == 2 and after == pytest.approx(before, abs=1e-5)
@@ -227,8 +243,18 @@ def test_checkpoint_mid_ramp_restores_shape_and_masks(growth_run, docs_cache):
     ckpt = glob.glob(f"{tmp}/tiny/checkpoints/*step=16.ckpt")[0]
     saved = torch.load(ckpt, weights_only=True)
     assert saved["flm_growth"]["ramp"]["start_step"] == 12 and saved["hyper_parameters"]["arch"]["n_layers"] == 6
-    again = main(["validate", "-c", TINY, f"--data.cache_dir={docs_cache}", "--trainer.logger=false",
-                  "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false", f"--ckpt_path={ckpt}"])
+    again = main(
+        [
+            "validate",
+            "-c",
+            TINY,
+            f"--data.cache_dir={docs_cache}",
+            "--trainer.logger=false",
+            "--trainer.limit_val_batches=2",
+            "--trainer.enable_progress_bar=false",
+            f"--ckpt_path={ckpt}",
+        ]
+    )
     logged = acc.Scalars("val/loss")[0]
     assert logged.step == 15
     assert again.trainer.callback_metrics["val/loss"].item() == pytest.approx(logged.value, abs=1e-6)
@@ -239,14 +265,36 @@ def test_bad_schedule_fails_before_training(docs_cache, tmp_path, capsys):
     bad = GROWTH_YAML.replace("at_step: 12", "at_step: 9")  # inside the first ramp (6 -> 12)
     (tmp_path / "bad.yaml").write_text(bad)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", TINY, "-c", str(tmp_path / "bad.yaml"), f"--data.cache_dir={docs_cache}",
-              "--trainer.logger=false", "--trainer.max_steps=20"])
+        main(
+            [
+                "fit",
+                "-c",
+                TINY,
+                "-c",
+                str(tmp_path / "bad.yaml"),
+                f"--data.cache_dir={docs_cache}",
+                "--trainer.logger=false",
+                "--trainer.max_steps=20",
+            ]
+        )
     assert exit_info.value.code == 2
     assert "starts during the ramp" in capsys.readouterr().err
-    (tmp_path / "shrink.yaml").write_text(GROWTH_YAML.replace("hidden_size: 192, n_heads: 6", "hidden_size: 96, n_heads: 3"))
+    (tmp_path / "shrink.yaml").write_text(
+        GROWTH_YAML.replace("hidden_size: 192, n_heads: 6", "hidden_size: 96, n_heads: 3")
+    )
     with pytest.raises(SystemExit):
-        main(["fit", "-c", TINY, "-c", str(tmp_path / "shrink.yaml"), f"--data.cache_dir={docs_cache}",
-              "--trainer.logger=false", "--trainer.max_steps=20"])
+        main(
+            [
+                "fit",
+                "-c",
+                TINY,
+                "-c",
+                str(tmp_path / "shrink.yaml"),
+                f"--data.cache_dir={docs_cache}",
+                "--trainer.logger=false",
+                "--trainer.max_steps=20",
+            ]
+        )
     assert "GrowthCallback stage 0: growth cannot shrink" in capsys.readouterr().err
 
 
@@ -254,28 +302,89 @@ def test_offline_growth_tool(growth_run, docs_cache, tmp_path):
     _, _, tmp = growth_run
     src = glob.glob(f"{tmp}/tiny/checkpoints/*step=24.ckpt")[0]  # after both ramps
     target = tmp_path / "wider.yaml"
-    target.write_text(open(TINY).read().replace("hidden_size: 128", "hidden_size: 256")
-                      .replace("n_heads: 4", "n_heads: 8").replace("n_layers: 4", "n_layers: 6")
-                      + "\n")
+    target.write_text(
+        open(TINY)
+        .read()
+        .replace("hidden_size: 128", "hidden_size: 256")
+        .replace("n_heads: 4", "n_heads: 8")
+        .replace("n_layers: 4", "n_layers: 6")
+        + "\n"
+    )
     # The 24-step checkpoint has 192 wide 6 layers with ffn 512; the target: 256 wide, 8 heads.
     text = target.read_text().replace("    max_seq_len: 128", "    max_seq_len: 128\n    ffn_hidden_size: 704")
     target.write_text(text)
-    out = subprocess.run([sys.executable, "-m", "flm_lightning", "grow", "--ckpt", src, "--config", str(target),
-                          "--out", str(tmp_path / "grown.ckpt"), "--ramp-steps", "4"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flm_lightning",
+            "grow",
+            "--ckpt",
+            src,
+            "--config",
+            str(target),
+            "--out",
+            str(tmp_path / "grown.ckpt"),
+            "--ramp-steps",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
+
     def val(cfg, path):
-        cli = main(["validate", "-c", cfg, f"--data.cache_dir={docs_cache}", "--trainer.logger=false",
-                    "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false", f"--ckpt_path={path}"])
+        cli = main(
+            [
+                "validate",
+                "-c",
+                cfg,
+                f"--data.cache_dir={docs_cache}",
+                "--trainer.logger=false",
+                "--trainer.limit_val_batches=2",
+                "--trainer.enable_progress_bar=false",
+                f"--ckpt_path={path}",
+            ]
+        )
         return cli.trainer.callback_metrics["val/loss"].item()
+
     assert val(str(target), tmp_path / "grown.ckpt") == pytest.approx(val(TINY, src), abs=1e-5)
     grown = torch.load(tmp_path / "grown.ckpt", weights_only=True)
     assert grown["optimizer_states"][0]["state"][0]["exp_avg"].shape == (2048, 256)
-    refused = subprocess.run([sys.executable, "-m", "flm_lightning", "grow", "--ckpt", src, "--config", "conf/tiny.yaml",
-                              "--out", str(tmp_path / "x.ckpt")], capture_output=True, text=True)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flm_lightning",
+            "grow",
+            "--ckpt",
+            src,
+            "--config",
+            "conf/tiny.yaml",
+            "--out",
+            str(tmp_path / "x.ckpt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert refused.returncode == 2 and "cannot shrink" in refused.stderr
     mid_ramp = glob.glob(f"{tmp}/tiny/checkpoints/*step=16.ckpt")[0]
-    refused = subprocess.run([sys.executable, "-m", "flm_lightning", "grow", "--ckpt", mid_ramp, "--config", str(target),
-                              "--out", str(tmp_path / "y.ckpt")], capture_output=True, text=True)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flm_lightning",
+            "grow",
+            "--ckpt",
+            mid_ramp,
+            "--config",
+            str(target),
+            "--out",
+            str(tmp_path / "y.ckpt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert refused.returncode == 2 and "still in progress" in refused.stderr and not (tmp_path / "y.ckpt").exists()
 
 
@@ -318,6 +427,7 @@ def test_growth_choices_come_from_the_operators():
     import typing
 
     from flm_lightning.callbacks import GrowthStage
+
     from flm_lightning.growth.operators import DEPTH_INITS, DEPTH_MODES, DepthInit, DepthMode
     from flm_lightning.growth.state import GrowthSpec
     from flm_lightning.tools import grow as grow_tool

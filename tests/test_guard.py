@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from flm_lightning.callbacks import TrainingGuard
+
 from flm_lightning.cli import main
 from tests.conftest import TINY
 
@@ -20,7 +20,7 @@ trainer:
   logger: false
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {tmp_path / 'ckpt'}, every_n_train_steps: 10, save_top_k: -1}}
+      init_args: {{dirpath: {tmp_path / "ckpt"}, every_n_train_steps: 10, save_top_k: -1}}
     - class_path: flm_lightning.callbacks.TrainingGuard
       init_args: {guard}
 model:
@@ -60,7 +60,11 @@ def test_repeated_nonfinite_stops_with_the_last_good_state(tmp_path, docs_cache,
 
 @pytest.mark.parametrize("policy, adam_steps, rollbacks", [("log", 40, 0), ("skip", 39, 0), ("rollback", 39, 1)])
 def test_spike_policies(policy, adam_steps, rollbacks, tmp_path, docs_cache):
-    cli = _run(tmp_path, docs_cache, f"{{inject_spike_at: [25], spike_policy: {policy}, warmup_steps: 10, spike_min_ratio: 100}}")
+    cli = _run(
+        tmp_path,
+        docs_cache,
+        f"{{inject_spike_at: [25], spike_policy: {policy}, warmup_steps: 10, spike_min_ratio: 100}}",
+    )
     guard = _guard(cli)
     assert guard.rollbacks == rollbacks
     # With "log" the spiked update is applied and its aftermath may be flagged too.
@@ -88,7 +92,7 @@ def test_rising_gradient_norm_is_flagged():
     assert not guard.rising_flagged
     guard = TrainingGuard(trend_window=10, trend_ratio=2.0)
     for step in range(20):
-        guard._watch_trend(module, 1.0 * 1.15 ** step)
+        guard._watch_trend(module, 1.0 * 1.15**step)
     assert guard.rising_flagged and module.logged["guard/grad_norm_rising"] == 1.0
 
 
@@ -105,13 +109,25 @@ def test_callbacks_read_the_module_through_a_protocol():
     from tests.conftest import tiny_config
 
     assert isinstance(FLMLightningModule(arch=tiny_config("teleflm")), TrainedModule)
-    loaded = subprocess.run([sys.executable, "-c", "import sys, flm_lightning.module; "
-                             "print(sorted(m for m in sys.modules if m.startswith('flm_lightning.callbacks')))"],
-                            capture_output=True, text=True, check=True)
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, flm_lightning.module; "
+            "print(sorted(m for m in sys.modules if m.startswith('flm_lightning.callbacks')))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert loaded.stdout.strip() == "[]"
     root = Path(__file__).resolve().parents[1]
     private = re.compile(r"\._trainer\b|\._device_mesh\b|PL_GLOBAL_SEED|\._optimizer\b")
-    hits = [f"{path.relative_to(root)}:{n}" for folder in ("flm_lightning", "callbacks")
-            for path in sorted((root / folder).rglob("*.py"))
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if private.search(line)]
+    hits = [
+        f"{path.relative_to(root)}:{n}"
+        for folder in ("flm_lightning", "callbacks")
+        for path in sorted((root / folder).rglob("*.py"))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if private.search(line)
+    ]
     assert hits == []

@@ -62,8 +62,9 @@ def test_export_matches_logits_and_greedy_generation(family, trained, tokenizer_
     prompt = tokens[:1, :6]
     for penalty in (1.0, 1.3):
         ours = generate(model, prompt, SamplingConfig(max_new_tokens=24, repetition_penalty=penalty))
-        theirs = hf.generate(prompt, max_new_tokens=24, do_sample=False, repetition_penalty=penalty,
-                             eos_token_id=None, pad_token_id=0)
+        theirs = hf.generate(
+            prompt, max_new_tokens=24, do_sample=False, repetition_penalty=penalty, eos_token_id=None, pad_token_id=0
+        )
         assert torch.equal(ours, theirs), penalty
 
 
@@ -83,8 +84,17 @@ def test_export_is_safetensors_only(tokenizer_text, tmp_path):
 
 def _llama_dir(tmp_path, tokenizer_text, **overrides):
     torch.manual_seed(3)
-    values = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     values.update(overrides)
     model = LlamaForCausalLM(LlamaConfig(**values))
     out = tmp_path / "llama"
@@ -106,8 +116,16 @@ def test_import_then_export_round_trips_bit_exactly(tmp_path, tokenizer_text):
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     c0, c1 = (json.loads((d / "config.json").read_text()) for d in (src, tmp_path / "again"))
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+    ):
         assert c0[key] == c1[key], key
 
 
@@ -131,20 +149,33 @@ def test_bad_inputs_exit_2(tmp_path, tokenizer_text):
     assert _cli("export-hf", "--ckpt", str(tmp_path / "m.ckpt"), "--out", str(target), "--force").returncode == 0
     assert (target / "model.safetensors").is_file() and not (target / "notes.txt").exists()
     # Llama features the trainer does not support.
-    for overrides, feature in ((dict(num_key_value_heads=2), "grouped-query"),
-                               (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_")):
+    for overrides, feature in (
+        (dict(num_key_value_heads=2), "grouped-query"),
+        (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_"),
+    ):
         src, _ = _llama_dir(tmp_path / feature, tokenizer_text, **overrides)
         out = _cli("import-hf", "--model", str(src), "--out", str(tmp_path / f"{feature}.ckpt"))
         assert out.returncode == 2 and feature in out.stderr and "Traceback" not in out.stderr
     # Pickled weights that need code execution are refused (weights-only loading), and nothing runs.
     pickled = tmp_path / "pickled"
     pickled.mkdir()
-    (pickled / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 32,
-                                                     "intermediate_size": 64, "num_hidden_layers": 2,
-                                                     "num_attention_heads": 4}))
+    (pickled / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": VOCAB,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+            }
+        )
+    )
     marker = tmp_path / "code-ran"
-    torch.save({"model.embed_tokens.weight": torch.zeros(VOCAB, 32), "x": _RunsCode(str(marker))},
-               pickled / "pytorch_model.bin")
+    torch.save(
+        {"model.embed_tokens.weight": torch.zeros(VOCAB, 32), "x": _RunsCode(str(marker))},
+        pickled / "pytorch_model.bin",
+    )
     out = _cli("import-hf", "--model", str(pickled), "--out", str(tmp_path / "p.ckpt"))
     assert out.returncode == 2 and "needs code execution" in out.stderr, out.stderr
     assert out.stderr.count("\n") == 1 and not marker.exists() and not (tmp_path / "p.ckpt").exists()
@@ -196,10 +227,21 @@ def _teleflm_dir(root, layout, tokenizer_text=None, **config_overrides):
     """A tiny folder in the Tele-FLM release format (Llama tensors + μP keys), built from transformers'
     LlamaForCausalLM; returns (folder, the Llama model) for the reference computation."""
     torch.manual_seed(5)
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=TELEFLM_VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=False, initializer_range=0.1)).eval()
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=TELEFLM_VOCAB,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            initializer_range=0.1,
+        )
+    ).eval()
     out = root / f"teleflm-{layout}"
     llama.save_pretrained(out)
     config = json.loads((out / "config.json").read_text())
@@ -215,8 +257,10 @@ def _teleflm_dir(root, layout, tokenizer_text=None, **config_overrides):
     elif layout == "sharded":
         (out / "model.safetensors").unlink()
         names = sorted(state)
-        shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-                  "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+        shards = {
+            "model-00001-of-00002.safetensors": names[: len(names) // 2],
+            "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+        }
         for shard, keys in shards.items():
             save_file({k: state[k] for k in keys}, out / shard, metadata={"format": "pt"})
         weight_map = {k: shard for shard, keys in shards.items() for k in keys}
@@ -284,15 +328,39 @@ def test_teleflm_round_trips_are_bit_exact(tmp_path, tokenizer_text):
     # Tele-FLM -> trainer -> Tele-FLM: the same tensors, bit for bit, and the same config (multipliers included).
     src, llama = _teleflm_dir(tmp_path, "safetensors", tokenizer_text)
     import_hf(str(src), str(tmp_path / "imported.ckpt"))
-    assert _cli("export-hf", "--ckpt", str(tmp_path / "imported.ckpt"), "--out", str(tmp_path / "again"),
-                "--format", "teleflm").returncode == 0
+    assert (
+        _cli(
+            "export-hf",
+            "--ckpt",
+            str(tmp_path / "imported.ckpt"),
+            "--out",
+            str(tmp_path / "again"),
+            "--format",
+            "teleflm",
+        ).returncode
+        == 0
+    )
     before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     c0, c1 = (json.loads((d / "config.json").read_text()) for d in (src, tmp_path / "again"))
     assert c1["model_type"] == "TeleFLM" and c1["architectures"] == ["TeleFLMForCausalLM"]
-    for key in ("use_mup", "input_mult", "output_mult", "mup_scale_factor", "vocab_size", "hidden_size",
-                "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "hidden_act"):
+    for key in (
+        "use_mup",
+        "input_mult",
+        "output_mult",
+        "mup_scale_factor",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "hidden_act",
+    ):
         assert c0[key] == c1[key], key
     # The export loads in transformers (its own TeleFLM modeling file) and computes the reference.
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True).eval()
@@ -313,8 +381,12 @@ def test_teleflm_round_trips_are_bit_exact(tmp_path, tokenizer_text):
     save_weights_checkpoint(tmp_path / "trained.ckpt", cfg, state, tokenizer_text)
     assert export_hf(str(tmp_path / "trained.ckpt"), str(tmp_path / "tf"), format="teleflm") == "teleflm"
     config = json.loads((tmp_path / "tf" / "config.json").read_text())
-    assert {k: config[k] for k in ("use_mup", "input_mult", "output_mult", "mup_scale_factor")} == \
-        {"use_mup": True, "input_mult": 2.0, "output_mult": 0.5, "mup_scale_factor": 2.0}
+    assert {k: config[k] for k in ("use_mup", "input_mult", "output_mult", "mup_scale_factor")} == {
+        "use_mup": True,
+        "input_mult": 2.0,
+        "output_mult": 0.5,
+        "mup_scale_factor": 2.0,
+    }
     arch = import_hf(str(tmp_path / "tf"), str(tmp_path / "back.ckpt"))
     assert arch.function_fields() == cfg.function_fields()
     back, _ = model_from_checkpoint(tmp_path / "back.ckpt")
@@ -336,8 +408,9 @@ def test_teleflm_export_needs_the_llama_network(tmp_path, tokenizer_text):
 def _xpos_model(max_seq_len, scale_base):
     """FLM-101B style, head size 128 (the steepest decay zeta = 0.4/1.4), sharp attention so xPos shows."""
     torch.manual_seed(2)
-    cfg = tiny_config("flm101b", vocab_size=VOCAB, hidden_size=128, n_heads=1, max_seq_len=max_seq_len,
-                      xpos_scale_base=scale_base)
+    cfg = tiny_config(
+        "flm101b", vocab_size=VOCAB, hidden_size=128, n_heads=1, max_seq_len=max_seq_len, xpos_scale_base=scale_base
+    )
     model = FLMTransformer(cfg).eval()
     with torch.no_grad():
         for layer in model.layers.values():

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from flm_lightning import objective
 from flm_lightning.errors import ConfigError
 from flm_lightning.model import FLMTransformer
 from flm_lightning.model.attention import attend, math_attention
 from flm_lightning.module import FLMLightningModule
-from flm_lightning import objective
 from flm_lightning.objective import token_cross_entropy
 from flm_lightning.optim import OptimConfig, build_adamw, param_groups
 from flm_lightning.parallel.compute import apply_activation_checkpointing, apply_compile
@@ -62,14 +62,19 @@ def test_backends_agree_on_kv_cache_queries():
     assert torch.allclose(out, attend(q, k, v, "math"), atol=1e-6)
     last = torch.softmax(q[:, :, -1:] @ k.transpose(-2, -1) / 8**0.5, dim=-1) @ v  # the last query sees all keys
     assert torch.allclose(out[:, :, -1:], last, atol=1e-6)
-    assert torch.allclose(math_attention(q, k, v)[:, :, :1], attend(q[:, :, :1], k[:, :, :7], v[:, :, :7], "math"), atol=1e-6)
+    assert torch.allclose(
+        math_attention(q, k, v)[:, :, :1], attend(q[:, :, :1], k[:, :, :7], v[:, :, :7], "math"), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("backend, package", [("flash", "flash_attn"), ("te", "transformer_engine")])
 def test_gpu_backends_on_cpu_fail_clearly(backend, package):
     model = FLMTransformer(tiny_config("teleflm", attention_backend=backend))
-    with pytest.raises(ConfigError, match=f"model.arch.attention_backend={backend} cannot run: the {package} package "
-                                          rf"is not installed \(pip install 'flm-lightning\[{backend}\]'"):
+    with pytest.raises(
+        ConfigError,
+        match=f"model.arch.attention_backend={backend} cannot run: the {package} package "
+        rf"is not installed \(pip install 'flm-lightning\[{backend}\]'",
+    ):
         model(torch.randint(0, 100, (1, 8)))
 
 
@@ -88,8 +93,10 @@ def test_auto_falls_back_to_sdpa_on_cpu_and_says_so(caplog):
     with caplog.at_level(logging.INFO, logger="flm_lightning.model.attention"):
         out = auto(tokens)
     assert torch.equal(out, sdpa(tokens))
-    assert any("auto -> sdpa on cpu" in r.getMessage() and "flash_attn package is not installed" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "auto -> sdpa on cpu" in r.getMessage() and "flash_attn package is not installed" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_backend_is_not_a_function_field():
@@ -223,8 +230,13 @@ def test_fused_adamw_on_cpu_matches_the_loop():
     cfg = OptimConfig()
     fused = build_adamw(model, cfg)
     assert fused.defaults["fused"]
-    loop = torch.optim.AdamW(param_groups(reference.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                             eps=cfg.eps, foreach=False)
+    loop = torch.optim.AdamW(
+        param_groups(reference.named_parameters(), cfg.weight_decay),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        foreach=False,
+    )
     for step in range(3):
         for a, b in zip(model.parameters(), reference.parameters()):
             a.grad = torch.randn_like(a)
@@ -243,18 +255,26 @@ def _random_batches(n: int, bsz: int, seq: int, vocab: int):
 
 def test_throughput_monitor_logs_mfu_against_the_given_peak():
     import lightning as L
-
     from flm_lightning.callbacks import TokenThroughputMonitor
 
     module = FLMLightningModule(arch=tiny_config("teleflm"), optim=OptimConfig(warmup_steps=1))
-    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, log_every_n_steps=1,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[TokenThroughputMonitor(window_size=2, peak_tflops=1e-4)])
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[TokenThroughputMonitor(window_size=2, peak_tflops=1e-4)],
+    )
     trainer.fit(module, _random_batches(4, 2, 16, 100))
     metrics = trainer.callback_metrics
     flops_per_token = module.flops_per_batch / (2 * 16)
     assert metrics["throughput/tokens_per_sec"] > 0
-    assert metrics["throughput/tflops"].item() == pytest.approx(metrics["throughput/tokens_per_sec"].item() * flops_per_token / 1e12, rel=1e-5)
+    assert metrics["throughput/tflops"].item() == pytest.approx(
+        metrics["throughput/tokens_per_sec"].item() * flops_per_token / 1e12, rel=1e-5
+    )
     assert metrics["throughput/mfu"].item() == pytest.approx(metrics["throughput/tflops"].item() / 1e-4, rel=1e-5)
 
 
@@ -267,8 +287,21 @@ def test_bench_tool_reports_both_throughputs_and_memory(tmp_path, docs_cache, ca
     config = yaml.safe_load(open(TINY))
     config["data"]["init_args"].update(cache_dir=str(docs_cache), batch_size=4, seq_len=32)
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
-    tool_main(["bench", "-c", str(tmp_path / "bench.yaml"), "--steps", "2", "--warmup", "1", "--repeats", "2",
-               "--json", str(tmp_path / "bench.json")])
+    tool_main(
+        [
+            "bench",
+            "-c",
+            str(tmp_path / "bench.yaml"),
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--json",
+            str(tmp_path / "bench.json"),
+        ]
+    )
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "bench.json").read_text())
     assert "trainer tokens/s" in out and "(trainer / loop)" in out and "peak memory: trainer" in out
@@ -295,7 +328,9 @@ def test_bf16_mixed_clips_gradients_of_the_fused_optimizer():
     before = torch.nn.utils.get_total_norm([p.grad for p in module.model.parameters()]).item()
     module.on_before_optimizer_step(optimizer)
     assert module.grad_norm().item() == pytest.approx(before, rel=1e-6)  # logged before clipping
-    assert torch.nn.utils.get_total_norm([p.grad for p in module.model.parameters()]).item() == pytest.approx(0.5, rel=1e-5)
+    assert torch.nn.utils.get_total_norm([p.grad for p in module.model.parameters()]).item() == pytest.approx(
+        0.5, rel=1e-5
+    )
 
 
 def test_sharded_parameters_keep_foreach_adamw():

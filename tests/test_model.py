@@ -219,8 +219,13 @@ def test_config_choices_are_literal_fields():
 
     from flm_lightning.optim import OptimConfig
 
-    for cls, names in ((ModelConfig, ("norm", "activation", "position", "attention_backend")), (OptimConfig, ("decay",))):
+    for cls, names in (
+        (ModelConfig, ("norm", "activation", "position", "attention_backend")),
+        (OptimConfig, ("decay",)),
+    ):
         hints = typing.get_type_hints(cls)
         assert all(typing.get_origin(hints[name]) is typing.Literal for name in names), cls
-    with pytest.raises(ConfigError, match=r"model.arch.norm must be one of \['layernorm', 'rmsnorm'\], got 'batchnorm'"):
+    with pytest.raises(
+        ConfigError, match=r"model.arch.norm must be one of \['layernorm', 'rmsnorm'\], got 'batchnorm'"
+    ):
         tiny_config("teleflm", norm="batchnorm")

@@ -39,7 +39,9 @@ def test_every_parameter_gets_its_role(family):
 
 
 def _mup(width, base=64, **kw):
-    arch = tiny_config("teleflm", hidden_size=width, n_heads=width // 16, head_dim=16, base_hidden_size=base, n_layers=4)
+    arch = tiny_config(
+        "teleflm", hidden_size=width, n_heads=width // 16, head_dim=16, base_hidden_size=base, n_layers=4
+    )
     return MuP(MuPConfig(base_hidden_size=base, std=0.01, matrix_std=0.02, **kw), arch, lr=1e-3), arch
 
 
@@ -64,8 +66,9 @@ def test_init_and_lr_scale_with_width():
 
 def test_optimizer_groups_follow_roles_and_regrow():
     arch = tiny_config("teleflm", hidden_size=64, n_heads=4, head_dim=16)
-    module = FLMLightningModule(arch=arch, optim=OptimConfig(lr=1e-3, decay_steps=10),
-                                mup=MuPConfig(base_hidden_size=32))
+    module = FLMLightningModule(
+        arch=arch, optim=OptimConfig(lr=1e-3, decay_steps=10), mup=MuPConfig(base_hidden_size=32)
+    )
     module.configure_model()
     groups = {g["name"]: g for g in module.build_optimizer().param_groups}
     assert groups["mup_hidden"]["lr"] == pytest.approx(5e-4) and groups["mup_vector"]["lr"] == 1e-3
@@ -107,7 +110,9 @@ def test_mup_module_applies_the_logit_multiplier_in_forward():
 
 def test_growth_rederives_every_rule_exactly():
     arch = tiny_config("teleflm", hidden_size=32, n_heads=2, head_dim=16)
-    module = FLMLightningModule(arch=arch, optim=OptimConfig(lr=1e-3, decay_steps=10), mup=MuPConfig(base_hidden_size=16))
+    module = FLMLightningModule(
+        arch=arch, optim=OptimConfig(lr=1e-3, decay_steps=10), mup=MuPConfig(base_hidden_size=16)
+    )
     module.configure_model()
     target = replace(module.arch, hidden_size=96, n_heads=6, n_layers=3)
     module.apply_growth(target, ramp_steps=0)
@@ -118,5 +123,10 @@ def test_growth_rederives_every_rule_exactly():
     assert module.mup.init_std("layers.2.attention.wo.weight") == 0.02 / 6**0.5 / 6**0.5  # r = 6, 2L = 6
     assert module.model.config.width_mult == 6.0  # the forward's logit multiplier follows the new width
     lrs = {g["name"]: g["lr"] for g in module.build_optimizer().param_groups}
-    assert lrs == {"mup_embedding": 1e-3, "mup_hidden": 1e-3 / 6, "mup_residual_out": 1e-3 / 6,
-                   "mup_readout": 1e-3, "mup_vector": 1e-3}
+    assert lrs == {
+        "mup_embedding": 1e-3,
+        "mup_hidden": 1e-3 / 6,
+        "mup_residual_out": 1e-3 / 6,
+        "mup_readout": 1e-3,
+        "mup_vector": 1e-3,
+    }

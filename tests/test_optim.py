@@ -47,7 +47,12 @@ def test_no_weight_decay_on_norms_and_biases():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [(dict(lr=0), "lr"), (dict(min_lr=1.0, lr=0.1), "min_lr"), (dict(decay="step"), "decay"), (dict(betas=(0.9, 1.2)), "betas")],
+    [
+        (dict(lr=0), "lr"),
+        (dict(min_lr=1.0, lr=0.1), "min_lr"),
+        (dict(decay="step"), "decay"),
+        (dict(betas=(0.9, 1.2)), "betas"),
+    ],
 )
 def test_bad_optim_config(kwargs, field):
     with pytest.raises(ConfigError, match=rf"model\.optim\.{field}"):

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from flm_lightning.checkpoint import model_from_checkpoint, read_checkpoint
-from flm_lightning.data.datamodule import micro_batches_per_step
 from flm_lightning.cli import main
+from flm_lightning.data.datamodule import micro_batches_per_step
 from flm_lightning.errors import CheckpointError, ConfigError
-from flm_lightning.parallel.dims import ParallelDims, check_layout, stage_layers
 from flm_lightning.model import FLMTransformer
+from flm_lightning.parallel.dims import ParallelDims, check_layout, stage_layers
 from flm_lightning.parallel.launch import run_forked
 from flm_lightning.parallel.pipeline import split_for_rank
 from flm_lightning.tools.compare_layouts import layout_overrides, parse_layout, run_layout, train_layout
@@ -22,10 +22,23 @@ from flm_lightning.tools.consolidate import consolidate_checkpoint
 from tests.conftest import tiny_config
 
 STEPS, GLOBAL_BATCH, TOL = 10, 8, 1e-5
-DIST_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
-                  "GROUP_RANK")
-FLM_101B_FAMILY = ["--model.arch.norm=layernorm", "--model.arch.activation=gelu", "--model.arch.bias=true",
-                   "--model.arch.position=xpos", "--model.arch.tie_embeddings=true"]
+DIST_VARIABLES = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+)
+FLM_101B_FAMILY = [
+    "--model.arch.norm=layernorm",
+    "--model.arch.activation=gelu",
+    "--model.arch.bias=true",
+    "--model.arch.position=xpos",
+    "--model.arch.tie_embeddings=true",
+]
 CONFIG = """\
 seed_everything: 1234
 trainer:
@@ -50,8 +63,10 @@ def config(docs_cache, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def reference(config) -> dict[str, list[float]]:
     """Per-step losses of the plain single-process fit, per family."""
-    return {family: train_layout(config, layout_overrides(None, GLOBAL_BATCH, STEPS) + extra, None)["train"]
-            for family, extra in (("teleflm", []), ("flm101b", FLM_101B_FAMILY))}
+    return {
+        family: train_layout(config, layout_overrides(None, GLOBAL_BATCH, STEPS) + extra, None)["train"]
+        for family, extra in (("teleflm", []), ("flm101b", FLM_101B_FAMILY))
+    }
 
 
 def _losses(config, tmp_path, layout, extra=(), schedule="1f1b", part="train", **kwargs):
@@ -65,20 +80,23 @@ def _max_diff(a, b):
     return max(abs(x - y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("family,layout,schedule", [
-    ("teleflm", "1x1x1", "1f1b"),
-    ("teleflm", "1x2x1", "1f1b"),
-    ("teleflm", "1x1x2", "1f1b"),
-    ("teleflm", "2x1x1", "1f1b"),
-    ("teleflm", "2x1x1", "gpipe"),
-    ("teleflm", "2x1x1", "interleaved1f1b"),
-    ("teleflm", "2x2x2", "1f1b"),
-    ("flm101b", "1x2x1", "1f1b"),
-    ("flm101b", "1x1x2", "1f1b"),
-    ("flm101b", "1x2x2", "1f1b"),
-    ("flm101b", "2x1x1", "interleaved1f1b"),  # tied embedding: first and last stage on different ranks
-    ("flm101b", "2x2x2", "1f1b"),
-])
+@pytest.mark.parametrize(
+    "family,layout,schedule",
+    [
+        ("teleflm", "1x1x1", "1f1b"),
+        ("teleflm", "1x2x1", "1f1b"),
+        ("teleflm", "1x1x2", "1f1b"),
+        ("teleflm", "2x1x1", "1f1b"),
+        ("teleflm", "2x1x1", "gpipe"),
+        ("teleflm", "2x1x1", "interleaved1f1b"),
+        ("teleflm", "2x2x2", "1f1b"),
+        ("flm101b", "1x2x1", "1f1b"),
+        ("flm101b", "1x1x2", "1f1b"),
+        ("flm101b", "1x2x2", "1f1b"),
+        ("flm101b", "2x1x1", "interleaved1f1b"),  # tied embedding: first and last stage on different ranks
+        ("flm101b", "2x2x2", "1f1b"),
+    ],
+)
 def test_layout_reproduces_single_process_losses(config, reference, tmp_path, family, layout, schedule):
     extra = FLM_101B_FAMILY if family == "flm101b" else []
     losses = _losses(config, tmp_path, layout, extra, schedule)
@@ -124,9 +142,13 @@ def test_validation_runs_on_every_stage(config, tmp_path):
 
 def _save_at_step_5(config, tmp_path, layout, extra=()):
     ckpts = tmp_path / "ckpts"
-    saving = ["--trainer.enable_checkpointing=true", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-              f"--trainer.callbacks.dirpath={ckpts}", "--trainer.callbacks.every_n_train_steps=5",
-              "--trainer.callbacks.save_top_k=-1"]
+    saving = [
+        "--trainer.enable_checkpointing=true",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={ckpts}",
+        "--trainer.callbacks.every_n_train_steps=5",
+        "--trainer.callbacks.save_top_k=-1",
+    ]
     _losses(config, tmp_path, layout, [*extra, *saving])
     return ckpts / "epoch=0-step=5.ckpt"
 
@@ -150,25 +172,31 @@ def test_resume_at_another_layout(config, reference, tmp_path):
 
 
 # ---- layout checks: one message, before any process group ----------------------------------------
-@pytest.mark.parametrize("kwargs,world,message", [
-    (dict(tp=3), 4, "not divisible by tensor_parallel_size x pipeline_parallel_size = 3 x 1"),
-    (dict(tp=2, dp=4), 4, "data_parallel_size=4 does not fit world size 4"),
-    (dict(tp=0), 4, "tensor_parallel_size must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,world,message",
+    [
+        (dict(tp=3), 4, "not divisible by tensor_parallel_size x pipeline_parallel_size = 3 x 1"),
+        (dict(tp=2, dp=4), 4, "data_parallel_size=4 does not fit world size 4"),
+        (dict(tp=0), 4, "tensor_parallel_size must be an integer >= 1"),
+    ],
+)
 def test_layout_must_fit_the_world(kwargs, world, message):
     with pytest.raises(ConfigError, match=message):
         ParallelDims.infer(world, **kwargs)
 
 
-@pytest.mark.parametrize("dims,arch,kwargs,message", [
-    ((1, 1, 8), {}, {}, r"tensor_parallel_size=8 does not divide model.arch.n_heads \(4\)"),
-    ((1, 1, 4), dict(ffn_hidden_size=90), {}, r"does not divide the ffn width \(90\)"),
-    ((1, 1, 2), {}, dict(seq_len=31), r"does not divide the sequence length 31"),
-    ((4, 1, 1), dict(n_layers=2), dict(micro_batches=4), r"4 pipeline stages .* only 2 layers"),
-    ((2, 1, 1), {}, dict(micro_batches=1), r"1 micro-batch\(es\) per step .* fewer than pipeline_parallel_size=2"),
-    ((2, 1, 1), {}, dict(micro_batches=2, layout=[1, 2]), r"layout=\[1, 2\] must list 2 positive layer counts"),
-    ((2, 1, 1), {}, dict(micro_batches=2, schedule="zb"), r"schedule must be one of"),
-])
+@pytest.mark.parametrize(
+    "dims,arch,kwargs,message",
+    [
+        ((1, 1, 8), {}, {}, r"tensor_parallel_size=8 does not divide model.arch.n_heads \(4\)"),
+        ((1, 1, 4), dict(ffn_hidden_size=90), {}, r"does not divide the ffn width \(90\)"),
+        ((1, 1, 2), {}, dict(seq_len=31), r"does not divide the sequence length 31"),
+        ((4, 1, 1), dict(n_layers=2), dict(micro_batches=4), r"4 pipeline stages .* only 2 layers"),
+        ((2, 1, 1), {}, dict(micro_batches=1), r"1 micro-batch\(es\) per step .* fewer than pipeline_parallel_size=2"),
+        ((2, 1, 1), {}, dict(micro_batches=2, layout=[1, 2]), r"layout=\[1, 2\] must list 2 positive layer counts"),
+        ((2, 1, 1), {}, dict(micro_batches=2, schedule="zb"), r"schedule must be one of"),
+    ],
+)
 def test_layout_must_fit_the_model(dims, arch, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         check_layout(ParallelDims(*dims), tiny_config("teleflm", n_layers=arch.pop("n_layers", 4), **arch), **kwargs)
@@ -178,40 +206,130 @@ def test_layout_must_fit_the_model(dims, arch, kwargs, message):
 # strategy's, with its names. (pp, dp, tp), data.batch_size, data.global_batch_size, schedule, stages_per_rank,
 # model.arch overrides, sequence length, message.
 BAD_LAYOUTS = [
-    ((1, 1, 3), 1, 8, "1f1b", 1, {}, 32,
-     "trainer.strategy.tensor_parallel_size=3 does not divide model.arch.n_heads (4)"),
-    ((1, 1, 4), 1, 8, "1f1b", 1, dict(ffn_hidden_size=90), 32,
-     "trainer.strategy.tensor_parallel_size=4 does not divide the ffn width (90)"),
-    ((1, 1, 2), 1, 8, "1f1b", 1, dict(vocab_size=101, pad_vocab_multiple=1), 32,
-     "trainer.strategy.tensor_parallel_size=2 does not divide the padded vocabulary (101)"),
-    ((1, 1, 2), 1, 8, "1f1b", 1, {}, 31,
-     "trainer.strategy.tensor_parallel_size=2 does not divide the sequence length 31 (sequence parallelism splits it)"),
-    ((4, 1, 1), 1, 8, "1f1b", 1, dict(n_layers=2), 32,
-     "trainer.strategy: 4 pipeline stages (pipeline_parallel_size=4 x stages_per_rank=1) but only 2 layers "
-     "(model.arch.n_layers)"),
-    ((2, 1, 1), 1, 8, "interleaved1f1b", 3, {}, 32,
-     "trainer.strategy: 6 pipeline stages (pipeline_parallel_size=2 x stages_per_rank=3) but only 4 layers "
-     "(model.arch.n_layers)"),
-    ((2, 1, 1), 4, 4, "1f1b", 1, {}, 32,
-     "1 micro-batch(es) per step (data.global_batch_size / (data.batch_size x dp)) is fewer than "
-     "pipeline_parallel_size=2: the pipeline would idle; raise data.global_batch_size or lower data.batch_size"),
-    ((2, 2, 1), 1, 7, "1f1b", 1, {}, 32,
-     "data.global_batch_size=7 is not a multiple of data.batch_size x data-parallel ranks = 1 x 2; each optimizer "
-     "step must run a whole number of micro-batches on every rank"),
-    ((2, 1, 1), 1, 8, "interleaved", 2, {}, 32,
-     "trainer.strategy.schedule must be one of ['gpipe', '1f1b', 'interleaved1f1b'], got 'interleaved'"),
-    ((2, 1, 1), 1, 8, "interleaved1f1b", 1, {}, 32,
-     "trainer.strategy: schedule interleaved1f1b needs stages_per_rank >= 2"),
-    ((2, 1, 1), 1, 8, "1f1b", 2, {}, 32,
-     "trainer.strategy: stages_per_rank > 1 needs schedule interleaved1f1b, got '1f1b'"),
+    (
+        (1, 1, 3),
+        1,
+        8,
+        "1f1b",
+        1,
+        {},
+        32,
+        "trainer.strategy.tensor_parallel_size=3 does not divide model.arch.n_heads (4)",
+    ),
+    (
+        (1, 1, 4),
+        1,
+        8,
+        "1f1b",
+        1,
+        dict(ffn_hidden_size=90),
+        32,
+        "trainer.strategy.tensor_parallel_size=4 does not divide the ffn width (90)",
+    ),
+    (
+        (1, 1, 2),
+        1,
+        8,
+        "1f1b",
+        1,
+        dict(vocab_size=101, pad_vocab_multiple=1),
+        32,
+        "trainer.strategy.tensor_parallel_size=2 does not divide the padded vocabulary (101)",
+    ),
+    (
+        (1, 1, 2),
+        1,
+        8,
+        "1f1b",
+        1,
+        {},
+        31,
+        "trainer.strategy.tensor_parallel_size=2 does not divide the sequence length 31 "
+        "(sequence parallelism splits it)",
+    ),
+    (
+        (4, 1, 1),
+        1,
+        8,
+        "1f1b",
+        1,
+        dict(n_layers=2),
+        32,
+        "trainer.strategy: 4 pipeline stages (pipeline_parallel_size=4 x stages_per_rank=1) but only 2 layers "
+        "(model.arch.n_layers)",
+    ),
+    (
+        (2, 1, 1),
+        1,
+        8,
+        "interleaved1f1b",
+        3,
+        {},
+        32,
+        "trainer.strategy: 6 pipeline stages (pipeline_parallel_size=2 x stages_per_rank=3) but only 4 layers "
+        "(model.arch.n_layers)",
+    ),
+    (
+        (2, 1, 1),
+        4,
+        4,
+        "1f1b",
+        1,
+        {},
+        32,
+        "1 micro-batch(es) per step (data.global_batch_size / (data.batch_size x dp)) is fewer than "
+        "pipeline_parallel_size=2: the pipeline would idle; raise data.global_batch_size or lower data.batch_size",
+    ),
+    (
+        (2, 2, 1),
+        1,
+        7,
+        "1f1b",
+        1,
+        {},
+        32,
+        "data.global_batch_size=7 is not a multiple of data.batch_size x data-parallel ranks = 1 x 2; each optimizer "
+        "step must run a whole number of micro-batches on every rank",
+    ),
+    (
+        (2, 1, 1),
+        1,
+        8,
+        "interleaved",
+        2,
+        {},
+        32,
+        "trainer.strategy.schedule must be one of ['gpipe', '1f1b', 'interleaved1f1b'], got 'interleaved'",
+    ),
+    (
+        (2, 1, 1),
+        1,
+        8,
+        "interleaved1f1b",
+        1,
+        {},
+        32,
+        "trainer.strategy: schedule interleaved1f1b needs stages_per_rank >= 2",
+    ),
+    (
+        (2, 1, 1),
+        1,
+        8,
+        "1f1b",
+        2,
+        {},
+        32,
+        "trainer.strategy: stages_per_rank > 1 needs schedule interleaved1f1b, got '1f1b'",
+    ),
     ((2, 1, 1), 1, 8, "1f1b", 0, {}, 32, "trainer.strategy.stages_per_rank must be an integer >= 1, got 0"),
     ((1, 1, 0), 1, 8, "1f1b", 1, {}, 32, "trainer.strategy.tensor_parallel_size must be an integer >= 1, got 0"),
 ]
 
 
 @pytest.mark.parametrize("dims,batch,global_batch,schedule,stages_per_rank,arch,seq_len,message", BAD_LAYOUTS)
-def test_strategy_and_planner_refuse_a_layout_with_the_same_message(dims, batch, global_batch, schedule,
-                                                                     stages_per_rank, arch, seq_len, message):
+def test_strategy_and_planner_refuse_a_layout_with_the_same_message(
+    dims, batch, global_batch, schedule, stages_per_rank, arch, seq_len, message
+):
     from types import SimpleNamespace
 
     from flm_lightning.parallel import FLMParallelStrategy
@@ -219,8 +337,9 @@ def test_strategy_and_planner_refuse_a_layout_with_the_same_message(dims, batch,
 
     pp, dp, tp = dims
     model = tiny_config("teleflm", **{"n_layers": 4, **arch})
-    strategy = FLMParallelStrategy(tensor_parallel_size=tp, pipeline_parallel_size=pp, schedule=schedule,
-                                   stages_per_rank=stages_per_rank)
+    strategy = FLMParallelStrategy(
+        tensor_parallel_size=tp, pipeline_parallel_size=pp, schedule=schedule, stages_per_rank=stages_per_rank
+    )
     strategy.parallel_devices, strategy.num_nodes = [torch.device("cpu")] * max(pp * dp * tp, 1), 1
     with pytest.raises(ConfigError) as by_strategy:  # what main.py fit runs before any process group
         strategy.check(model, SimpleNamespace(batch_size=batch, global_batch_size=global_batch, seq_len=seq_len))
@@ -238,12 +357,20 @@ def test_compare_layouts_refuses_a_bad_layout_before_forking(config, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: layout 4x1x1: 2 micro-batch(es) per step (data.global_batch_size / (data.batch_size x dp)) is fewer "
-        "than pipeline_parallel_size=4: the pipeline would idle; raise data.global_batch_size or lower data.batch_size")
+        "than pipeline_parallel_size=4: the pipeline would idle; raise data.global_batch_size or lower data.batch_size"
+    )
 
 
 def test_bad_layout_exits_2_before_any_process_group(config, capsys):
-    args = ["fit", "-c", config, "--trainer.devices=1", "--trainer.strategy=flm_lightning.parallel.FLMParallelStrategy",
-            "--trainer.strategy.init_args.tensor_parallel_size=2", "--trainer.logger=false"]
+    args = [
+        "fit",
+        "-c",
+        config,
+        "--trainer.devices=1",
+        "--trainer.strategy=flm_lightning.parallel.FLMParallelStrategy",
+        "--trainer.strategy.init_args.tensor_parallel_size=2",
+        "--trainer.logger=false",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
@@ -310,12 +437,15 @@ def test_tied_embedding_resumes_from_pipeline_to_one_process(config, reference, 
     assert _max_diff(resumed, reference["flm101b"][5:]) < TOL
 
 
-@pytest.mark.parametrize("preset,overlay", [
-    ("conf/tiny.yaml", "conf/layouts/cpu_2x2x2.yaml"),
-    ("conf/flm_101b.yaml", "conf/layouts/flm_101b_192gpu.yaml"),
-    ("conf/tele_flm_52b.yaml", "conf/layouts/tele_flm_52b_896gpu.yaml"),
-    ("conf/tele_flm_1t.yaml", "conf/layouts/tele_flm_1t_896gpu.yaml"),
-])
+@pytest.mark.parametrize(
+    "preset,overlay",
+    [
+        ("conf/tiny.yaml", "conf/layouts/cpu_2x2x2.yaml"),
+        ("conf/flm_101b.yaml", "conf/layouts/flm_101b_192gpu.yaml"),
+        ("conf/tele_flm_52b.yaml", "conf/layouts/tele_flm_52b_896gpu.yaml"),
+        ("conf/tele_flm_1t.yaml", "conf/layouts/tele_flm_1t_896gpu.yaml"),
+    ],
+)
 def test_published_layouts_fit_their_models(preset, overlay):
     """The ready layout overlays pass the strategy's checks for their preset (no process started)."""
     from flm_lightning.cli import load_config
@@ -323,22 +453,40 @@ def test_published_layouts_fit_their_models(preset, overlay):
     config = load_config([preset, overlay])  # as `main.py fit -c PRESET -c OVERLAY` reads them
     trainer = config.values["trainer"]
     strategy = trainer["strategy"]["init_args"]
-    dims = ParallelDims.infer(trainer["devices"] * trainer["num_nodes"], tp=strategy["tensor_parallel_size"],
-                              pp=strategy["pipeline_parallel_size"])
+    dims = ParallelDims.infer(
+        trainer["devices"] * trainer["num_nodes"],
+        tp=strategy["tensor_parallel_size"],
+        pp=strategy["pipeline_parallel_size"],
+    )
     data = config.values["data"]["init_args"]
     micro_batches = micro_batches_per_step(data["global_batch_size"], data["batch_size"], dims.dp)
-    check_layout(dims, config.arch, seq_len=config.seq_len, micro_batches=micro_batches, schedule=strategy["schedule"],
-                 stages_per_rank=strategy["stages_per_rank"], layout=strategy["layout"])
-    expected = {"conf/flm_101b.yaml": (4, 12, 4), "conf/tele_flm_52b.yaml": (2, 112, 4), "conf/tele_flm_1t.yaml": (28, 1, 32)}
+    check_layout(
+        dims,
+        config.arch,
+        seq_len=config.seq_len,
+        micro_batches=micro_batches,
+        schedule=strategy["schedule"],
+        stages_per_rank=strategy["stages_per_rank"],
+        layout=strategy["layout"],
+    )
+    expected = {
+        "conf/flm_101b.yaml": (4, 12, 4),
+        "conf/tele_flm_52b.yaml": (2, 112, 4),
+        "conf/tele_flm_1t.yaml": (28, 1, 32),
+    }
     assert dims.shape == expected.get(preset, (2, 2, 2))
 
 
 def _growth(ramp_steps: int) -> list[str]:
     """Width (64 -> 96, heads 4 -> 6) and depth (4 -> 6) growth at step 4."""
-    stage = ('{"at_step": 4, "arch": {"hidden_size": 96, "n_heads": 6, "n_layers": 6}, '
-             f'"ramp_steps": {ramp_steps}, "rewarmup_steps": 2}}')
-    return [f'--trainer.callbacks+={{"class_path": "flm_lightning.callbacks.GrowthCallback", '
-            f'"init_args": {{"stages": [{stage}]}}}}']
+    stage = (
+        '{"at_step": 4, "arch": {"hidden_size": 96, "n_heads": 6, "n_layers": 6}, '
+        f'"ramp_steps": {ramp_steps}, "rewarmup_steps": 2}}'
+    )
+    return [
+        f'--trainer.callbacks+={{"class_path": "flm_lightning.callbacks.GrowthCallback", '
+        f'"init_args": {{"stages": [{stage}]}}}}'
+    ]
 
 
 @pytest.mark.parametrize("layouts,ramp_steps", [(["1x2x1", "2x1x1"], 3), (["1x1x2", "2x2x2"], 3), (["2x2x2"], 0)])
@@ -360,12 +508,16 @@ def test_resume_mid_growth_ramp_at_another_layout(config, tmp_path):
 
 
 def test_growth_that_does_not_fit_the_layout_stops_before_training(config, tmp_path):
-    five_heads = ['--trainer.callbacks+={"class_path": "flm_lightning.callbacks.GrowthCallback", "init_args": '
-                  '{"stages": [{"at_step": 4, "arch": {"hidden_size": 80, "n_heads": 5}}]}}']
+    five_heads = [
+        '--trainer.callbacks+={"class_path": "flm_lightning.callbacks.GrowthCallback", "init_args": '
+        '{"stages": [{"at_step": 4, "arch": {"hidden_size": 80, "n_heads": 5}}]}}'
+    ]
     with pytest.raises(Exception):
         _losses(config, tmp_path, "1x1x2", five_heads)
     log = (tmp_path / "1x1x2-logs" / "rank0.log").read_text()
-    assert "GrowthCallback stage 0: trainer.strategy.tensor_parallel_size=2 does not divide model.arch.n_heads (5)" in log
+    assert (
+        "GrowthCallback stage 0: trainer.strategy.tensor_parallel_size=2 does not divide model.arch.n_heads (5)" in log
+    )
 
 
 def test_main_py_launches_the_layout_and_resumes_from_last(config, tmp_path):
@@ -375,22 +527,37 @@ def test_main_py_launches_the_layout_and_resumes_from_last(config, tmp_path):
     import subprocess
     import sys
 
-    run = [sys.executable, "main.py", "fit", "-c", config, "--trainer.devices=2", "--trainer.use_distributed_sampler=false",
-           "--trainer.strategy=flm_lightning.parallel.FLMParallelStrategy",
-           "--trainer.strategy.init_args.data_parallel_size=2", "--data.init_args.batch_size=4",
-           "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
-           "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-           f"--trainer.callbacks.dirpath={tmp_path / 'ckpts'}", "--trainer.callbacks.every_n_train_steps=3",
-           "--trainer.callbacks.save_last=true", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=2",
-           "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=1"]
+    run = [
+        sys.executable,
+        "main.py",
+        "fit",
+        "-c",
+        config,
+        "--trainer.devices=2",
+        "--trainer.use_distributed_sampler=false",
+        "--trainer.strategy=flm_lightning.parallel.FLMParallelStrategy",
+        "--trainer.strategy.init_args.data_parallel_size=2",
+        "--data.init_args.batch_size=4",
+        "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp_path / 'ckpts'}",
+        "--trainer.callbacks.every_n_train_steps=3",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.limit_val_batches=2",
+        "--trainer.val_check_interval=3",
+        "--trainer.log_every_n_steps=1",
+    ]
     # A clean environment: rendezvous variables left by earlier in-process runs would make the
     # launched ranks wait for peers that never come.
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES and not k.startswith("PL_")}
     first = subprocess.run([*run, "--trainer.max_steps=3"], capture_output=True, text=True, timeout=300, env=env)
     assert first.returncode == 0, first.stderr[-2000:]
     assert (tmp_path / "ckpts" / "last.ckpt" / ".metadata").is_file()
-    second = subprocess.run([*run, "--trainer.max_steps=6", "--ckpt_path=last"], capture_output=True, text=True,
-                            timeout=300, env=env)
+    second = subprocess.run(
+        [*run, "--trainer.max_steps=6", "--ckpt_path=last"], capture_output=True, text=True, timeout=300, env=env
+    )
     assert second.returncode == 0, second.stderr[-2000:]
     assert [(p / ".metadata").is_file() for p in (tmp_path / "ckpts").glob("*step=6.ckpt")] == [True]
     assert list(tmp_path.glob("lightning_logs/version_*/events.out.tfevents.*"))
@@ -399,18 +566,22 @@ def test_main_py_launches_the_layout_and_resumes_from_last(config, tmp_path):
 def test_guard_rollback_under_the_strategy_matches_one_process(config, tmp_path):
     """A spike at step 8 rolled back to the step-5 checkpoint folder (loaded in place by the strategy) at
     dp2 x tp2: the run goes on exactly as the one-process rollback does."""
+
     def overrides(name):
-        return [f"--trainer.callbacks+={{'class_path': 'lightning.pytorch.callbacks.ModelCheckpoint', 'init_args': "
-                f"{{'dirpath': '{tmp_path / name}', 'every_n_train_steps': 5, 'save_top_k': -1}}}}",
-                "--trainer.callbacks+={'class_path': 'flm_lightning.callbacks.TrainingGuard', 'init_args': "
-                "{'inject_spike_at': [8], 'spike_policy': 'rollback', 'warmup_steps': 3, 'spike_min_ratio': 100}}",
-                "--trainer.enable_checkpointing=true"]
+        return [
+            f"--trainer.callbacks+={{'class_path': 'lightning.pytorch.callbacks.ModelCheckpoint', 'init_args': "
+            f"{{'dirpath': '{tmp_path / name}', 'every_n_train_steps': 5, 'save_top_k': -1}}}}",
+            "--trainer.callbacks+={'class_path': 'flm_lightning.callbacks.TrainingGuard', 'init_args': "
+            "{'inject_spike_at': [8], 'spike_policy': 'rollback', 'warmup_steps': 3, 'spike_min_ratio': 100}}",
+            "--trainer.enable_checkpointing=true",
+        ]
 
     base = layout_overrides(None, GLOBAL_BATCH, 12)
     one = train_layout(config, base + overrides("one"), None)["train"]
     dims = parse_layout("1x2x2")
-    forked = run_layout(config, dims, layout_overrides(dims, GLOBAL_BATCH, 12) + overrides("sharded"), str(tmp_path),
-                        "1x2x2")["train"]
+    forked = run_layout(
+        config, dims, layout_overrides(dims, GLOBAL_BATCH, 12) + overrides("sharded"), str(tmp_path), "1x2x2"
+    )["train"]
     assert (tmp_path / "sharded" / "epoch=0-step=5.ckpt" / ".metadata").is_file()  # a DCP folder was rolled back to
     assert len(one) == len(forked) == 12
     assert _max_diff(one, forked) < TOL

@@ -35,15 +35,19 @@ def test_default_shape_is_the_5_3m_llama_with_identical_counts():
     assert peer.litgpt_parameter_count(cfg) == count_model(shape.arch).parameters == hand
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    dict(activation="gelu", bias=True, norm="layernorm"),
-    dict(tie_embeddings=True, vocab_size=1000),  # padded to 1024 on both sides
-    dict(n_heads=8, ffn_hidden_size=512, rope_theta=500000.0),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        dict(activation="gelu", bias=True, norm="layernorm"),
+        dict(tie_embeddings=True, vocab_size=1000),  # padded to 1024 on both sides
+        dict(n_heads=8, ffn_hidden_size=512, rope_theta=500000.0),
+    ],
+)
 def test_translation_keeps_the_parameter_count(overrides):
-    arch = ModelConfig(**{**dict(vocab_size=2048, n_layers=3, n_heads=4, hidden_size=128, max_seq_len=128),
-                          **overrides})
+    arch = ModelConfig(
+        **{**dict(vocab_size=2048, n_layers=3, n_heads=4, hidden_size=128, max_seq_len=128), **overrides}
+    )
     cfg = peer.litgpt_model_config(arch)
     assert cfg["padded_vocab_size"] == arch.padded_vocab_size
     assert peer.litgpt_parameter_count(cfg, arch.tie_embeddings) == count_model(arch).parameters
@@ -107,8 +111,17 @@ def test_run_configs_share_the_settings(tmp_path: Path):
     classes = [c["class_path"] for c in t["callbacks"]]
     assert classes[-1] == peer.CLOCK_CALLBACK and not any(c.endswith(peer.CHECKPOINT_CALLBACKS) for c in classes)
     assert values["trainer"]["max_steps"] == 400  # the loaded config is not modified
-    lit = peer.litgpt_run_config(shape, peer.litgpt_model_config(shape.arch), "bf16-mixed", 12, tmp_path / "w.npy",
-                                 tmp_path / "clock.json", tmp_path / "tok", tmp_path / "out", shape.log_every)
+    lit = peer.litgpt_run_config(
+        shape,
+        peer.litgpt_model_config(shape.arch),
+        "bf16-mixed",
+        12,
+        tmp_path / "w.npy",
+        tmp_path / "clock.json",
+        tmp_path / "tok",
+        tmp_path / "out",
+        shape.log_every,
+    )
     tr = lit["train"]
     assert tr["micro_batch_size"] == tr["global_batch_size"] == 8 and tr["max_tokens"] == 12 * 8 * 256
     assert tr["max_norm"] == 1.0 and tr["lr_warmup_steps"] == 30 and tr["min_lr"] == 3e-4 and tr["log_interval"] == 10
@@ -117,13 +130,20 @@ def test_run_configs_share_the_settings(tmp_path: Path):
 
 
 def test_pip_output_check_finds_torch_and_cuda_wheels_only():
-    clean = ("Requirement already satisfied: torch>=2.7 in ./.cache/litgpt-venv/lib/python3.11/site-packages\n"
-             "Collecting torchmetrics>=0.7.0 (from lightning>=2.6.1->litgpt==0.5.13)\n"
-             "Processing /opt/pypi/files/torchmetrics-1.9.0-py3-none-any.whl\n"
-             "Collecting litgpt==0.5.13\n  Downloading litgpt-0.5.13-py3-none-any.whl (208 kB)\n")
+    clean = (
+        "Requirement already satisfied: torch>=2.7 in ./.cache/litgpt-venv/lib/python3.11/site-packages\n"
+        "Collecting torchmetrics>=0.7.0 (from lightning>=2.6.1->litgpt==0.5.13)\n"
+        "Processing /opt/pypi/files/torchmetrics-1.9.0-py3-none-any.whl\n"
+        "Collecting litgpt==0.5.13\n  Downloading litgpt-0.5.13-py3-none-any.whl (208 kB)\n"
+    )
     assert peer.torch_fetches(clean) == []
-    bad = ("Collecting torch>=2.7 (from litgpt==0.5.13)\n"
-           "  Downloading torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl (900 MB)\n"
-           "Collecting nvidia-cublas-cu12==12.8.4.1 (from torch>=2.7)\n")
-    assert peer.torch_fetches(bad) == ["nvidia-cublas-cu12==12.8.4.1",
-                                       "torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl", "torch>=2.7"]
+    bad = (
+        "Collecting torch>=2.7 (from litgpt==0.5.13)\n"
+        "  Downloading torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl (900 MB)\n"
+        "Collecting nvidia-cublas-cu12==12.8.4.1 (from torch>=2.7)\n"
+    )
+    assert peer.torch_fetches(bad) == [
+        "nvidia-cublas-cu12==12.8.4.1",
+        "torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl",
+        "torch>=2.7",
+    ]

@@ -5,9 +5,9 @@ from dataclasses import replace
 
 import pytest
 
+from flm_lightning.cli import load_config
 from flm_lightning.errors import ConfigError
 from flm_lightning.planner import Hardware, Layout, Workload, check_plan, memory_per_gpu, plan_run, rank_layouts
-from flm_lightning.cli import load_config
 from flm_lightning.tools.plan import load_schedule, parse_count, plan_schedule
 
 FLM_PUBLISHED_DAYS = {"16B": 9.63, "51B": 5.37, "101B": 6.54}
@@ -71,7 +71,9 @@ def test_activation_levers(flm101b):
     hw = Hardware()
     base = memory_per_gpu(flm101b, Layout(tp=8, pp=8, dp=1), wl, hw).activations
     assert memory_per_gpu(flm101b, Layout(tp=8, pp=8, dp=1, recompute="full"), wl, hw).activations < base / 5
-    assert memory_per_gpu(flm101b, Layout(tp=4, pp=8, dp=2), Workload(global_batch=64, seq_len=2048), hw).activations == pytest.approx(2 * base)
+    assert memory_per_gpu(
+        flm101b, Layout(tp=4, pp=8, dp=2), Workload(global_batch=64, seq_len=2048), hw
+    ).activations == pytest.approx(2 * base)
     gpipe = memory_per_gpu(flm101b, Layout(tp=8, pp=8, dp=1, schedule="gpipe"), wl, hw).activations
     assert gpipe == pytest.approx(base * 64 / 8)  # all micro-batches in flight instead of pp
     no_flash = memory_per_gpu(flm101b, Layout(tp=8, pp=8, dp=1), replace(wl, flash=False), hw).activations
@@ -124,8 +126,22 @@ def test_plan_cli_schedule_json():
 
 
 def test_plan_cli_single_layout_table():
-    out = _plan("-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "4", "--pp", "4", "--global-batch", "2160",
-                "--tokens", "26.54B", "--achieved-tflops", "165")
+    out = _plan(
+        "-c",
+        "conf/flm_101b.yaml",
+        "--gpus",
+        "192",
+        "--tp",
+        "4",
+        "--pp",
+        "4",
+        "--global-batch",
+        "2160",
+        "--tokens",
+        "26.54B",
+        "--achieved-tflops",
+        "165",
+    )
     assert out.returncode == 0, out.stderr
     assert "fits" in out.stdout and "TP4 PP4 DP12" in out.stdout and "6.1" in out.stdout
 
@@ -133,13 +149,31 @@ def test_plan_cli_single_layout_table():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "3", "--pp", "1"],
-         "error: trainer.strategy.tensor_parallel_size=3 does not divide model.arch.n_heads (80)"),
-        (["-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "4", "--pp", "4", "--global-batch", "2160",
-          "--pp-schedule", "interleaved1f1b"],
-         "error: trainer.strategy: schedule interleaved1f1b needs stages_per_rank >= 2"),
-        (["-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "4", "--pp", "4", "--global-batch", "1024"],
-         "error: data.global_batch_size=1024 is not a multiple of data.batch_size x data-parallel ranks = 1 x 12"),
+        (
+            ["-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "3", "--pp", "1"],
+            "error: trainer.strategy.tensor_parallel_size=3 does not divide model.arch.n_heads (80)",
+        ),
+        (
+            [
+                "-c",
+                "conf/flm_101b.yaml",
+                "--gpus",
+                "192",
+                "--tp",
+                "4",
+                "--pp",
+                "4",
+                "--global-batch",
+                "2160",
+                "--pp-schedule",
+                "interleaved1f1b",
+            ],
+            "error: trainer.strategy: schedule interleaved1f1b needs stages_per_rank >= 2",
+        ),
+        (
+            ["-c", "conf/flm_101b.yaml", "--gpus", "192", "--tp", "4", "--pp", "4", "--global-batch", "1024"],
+            "error: data.global_batch_size=1024 is not a multiple of data.batch_size x data-parallel ranks = 1 x 12",
+        ),
         (["-c", "conf/flm_101b.yaml", "--gpus", "0"], "--gpus must be a positive integer"),
         (["-c", "conf/flm_101b.yaml", "--gpus", "8", "--tokens", "many"], "not a number"),
         (["--gpus", "8"], "either -c CONFIG or --schedule"),
@@ -153,8 +187,12 @@ def test_plan_cli_bad_input_exits_2(args, message):
 def test_planned_memory_matches_a_measured_cpu_run(tmp_path):
     """Peak RSS of real fp32 training steps against the planner, within 20% (benchmarks/memory_check.py)."""
     out_file = tmp_path / "mem.json"
-    subprocess.run([sys.executable, "benchmarks/memory_check.py", "--case", "small", "--steps", "2", "--json", str(out_file)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "benchmarks/memory_check.py", "--case", "small", "--steps", "2", "--json", str(out_file)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     row = json.loads(out_file.read_text())[0]
     assert row["measured_bytes"] > 100 * 2**20
     assert row["ratio"] == pytest.approx(1.0, abs=0.2)

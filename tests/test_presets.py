@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from flm_lightning.model import count_model
 from flm_lightning.cli import load_config
+from flm_lightning.model import count_model
 
 # (preset, published parameters, tolerance). The Tele-FLM table lists ffn sizes rounded to
 # multiples of 64; the proxy's published 283M (and 52.85B, 102.3B) match floor(8d/3) instead,
@@ -28,7 +28,9 @@ def test_tele_flm_counts(name, published, tol):
     assert count_model(config.arch, config.seq_len).parameters == pytest.approx(published, rel=tol)
 
 
-@pytest.mark.parametrize("name, published", [("tele_flm_52b", 52.85e9), ("tele_flm_102b", 102.3e9), ("tele_flm_mup_proxy", 283e6)])
+@pytest.mark.parametrize(
+    "name, published", [("tele_flm_52b", 52.85e9), ("tele_flm_102b", 102.3e9), ("tele_flm_mup_proxy", 283e6)]
+)
 def test_published_counts_use_unrounded_ffn(name, published):
     arch = load_config([f"conf/{name}.yaml"]).arch
     unrounded = replace(arch, ffn_hidden_size=8 * arch.hidden_size // 3)
@@ -55,21 +57,28 @@ def test_flops_per_token_formula():
 def test_info_json_cli():
     out = subprocess.run(
         [sys.executable, "-m", "flm_lightning", "info", "-c", "conf/tele_flm_1t.yaml", "--json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     report = json.loads(out.stdout)
     assert report["parameters"] == pytest.approx(1083.74e9, rel=1e-4)
     assert report["flops_per_token"] > 6 * report["parameters"] * 0.99
 
 
-@pytest.mark.parametrize("content, message", [
-    ("model: {arch: {n_heads: 3}}", "hidden_size"),
-    ("model: [1", "invalid YAML"),
-    ("model: {arch: {n_layer: 3}}", "unknown key model.arch.n_layer (did you mean n_layers?)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("model: {arch: {n_heads: 3}}", "hidden_size"),
+        ("model: [1", "invalid YAML"),
+        ("model: {arch: {n_layer: 3}}", "unknown key model.arch.n_layer (did you mean n_layers?)"),
+    ],
+)
 def test_info_bad_config_exits_2(tmp_path, content, message):
     path = tmp_path / "bad.yaml"
     path.write_text(content)
-    out = subprocess.run([sys.executable, "-m", "flm_lightning", "info", "-c", str(path)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "flm_lightning", "info", "-c", str(path)], capture_output=True, text=True
+    )
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1

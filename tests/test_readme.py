@@ -35,13 +35,23 @@ def _events(folder: Path) -> EventAccumulator:
 def test_readme_commands_in_order(docs_cache, tmp_path, monkeypatch, capsys):
     commands = readme_commands()
     assert [c.split()[:4] for c in commands] == [
-        ["python", "main.py", "fit", "-c"], ["python", "main.py", "validate", "-c"], ["python", "main.py", "fit", "-c"],
-        ["python", "main.py", "fit", "-c"], ["python", "-m", "flm_lightning", "generate"],
-        ["python", "-m", "flm_lightning", "export-hf"], ["tensorboard", "--logdir", "runs"]]
+        ["python", "main.py", "fit", "-c"],
+        ["python", "main.py", "validate", "-c"],
+        ["python", "main.py", "fit", "-c"],
+        ["python", "main.py", "fit", "-c"],
+        ["python", "-m", "flm_lightning", "generate"],
+        ["python", "-m", "flm_lightning", "export-hf"],
+        ["tensorboard", "--logdir", "runs"],
+    ]
     (tmp_path / "conf").symlink_to(REPO / "conf")
     monkeypatch.chdir(tmp_path)
-    tiny = ["--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
-            "--data.batch_size=4", f"--data.cache_dir={docs_cache}"]
+    tiny = [
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--data.batch_size=4",
+        f"--data.cache_dir={docs_cache}",
+    ]
     extra = [  # appended to each command: later values win
         [*tiny, "--trainer.max_steps=4"],
         [*tiny],

@@ -43,9 +43,10 @@ trainer:
     init_args: {{save_dir: {tmp}, name: {name}}}
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {tmp / name / 'ckpt'}, every_n_train_steps: 4, save_last: true, save_top_k: 2, monitor: step, mode: max}}
+      init_args: {{dirpath: {tmp / name / "ckpt"}, every_n_train_steps: 4, save_last: true, save_top_k: 2,
+                  monitor: step, mode: max}}
     - class_path: flm_lightning.callbacks.PreemptionCheckpoint
-{GROWTH if growth else ''}
+{GROWTH if growth else ""}
 model:
   arch: {{n_layers: 2, hidden_size: 64, n_heads: 2, dropout: 0.1, max_seq_len: 64}}
 data:
@@ -61,8 +62,12 @@ def _losses(tmp: Path, name: str, version: int = 0) -> dict[int, float]:
 
 
 def _start(args: list[str], cache: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "main.py", *args, f"--data.cache_dir={cache}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "main.py", *args, f"--data.cache_dir={cache}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_checkpoint(folder: Path, at_least: int, proc: subprocess.Popen, timeout: float = 120) -> int:
@@ -107,7 +112,9 @@ def test_sigterm_saves_and_exits_cleanly(docs_cache, tmp_path):
     folder = tmp_path / "pre" / "ckpt"
     preempted = torch.load(folder / "last.ckpt", weights_only=True)["global_step"]
     assert preempted >= 4 and not list(folder.glob("last-v*.ckpt"))
-    resumed = main(args + [f"--data.cache_dir={docs_cache}", "--ckpt_path=last", f"--trainer.max_steps={preempted + 2}"])
+    resumed = main(
+        args + [f"--data.cache_dir={docs_cache}", "--ckpt_path=last", f"--trainer.max_steps={preempted + 2}"]
+    )
     assert resumed.trainer.global_step == preempted + 2
     # The resumed run's ModelCheckpoint keeps `last.ckpt` the newest: no last-v1.ckpt beside a stale one.
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == preempted + 2
@@ -150,23 +157,50 @@ def test_atomic_checkpoint_io(tmp_path, monkeypatch):
 def test_validate_on_a_corrupted_checkpoint_exits_2(docs_cache, tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"\x00" * 100)
-    out = subprocess.run([sys.executable, "main.py", "validate", "-c", "conf/tiny.yaml", f"--ckpt_path={bad}",
-                          f"--data.cache_dir={docs_cache}", "--trainer.logger=false"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "main.py",
+            "validate",
+            "-c",
+            "conf/tiny.yaml",
+            f"--ckpt_path={bad}",
+            f"--data.cache_dir={docs_cache}",
+            "--trainer.logger=false",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     assert "bad.ckpt cannot be read" in out.stderr.strip().splitlines()[-1] and "Traceback" not in out.stderr
     # A torn copy of a real checkpoint (no sidecar): the zip container's CRCs catch it.
     io = AtomicCheckpointIO()
     io.save_checkpoint({"state_dict": {"w": torch.randn(1000)}}, tmp_path / "good.ckpt")
     (tmp_path / "torn.ckpt").write_bytes((tmp_path / "good.ckpt").read_bytes()[:3000])
-    out = subprocess.run([sys.executable, "main.py", "validate", "-c", "conf/tiny.yaml", f"--ckpt_path={tmp_path / 'torn.ckpt'}",
-                          f"--data.cache_dir={docs_cache}", "--trainer.logger=false"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "main.py",
+            "validate",
+            "-c",
+            "conf/tiny.yaml",
+            f"--ckpt_path={tmp_path / 'torn.ckpt'}",
+            f"--data.cache_dir={docs_cache}",
+            "--trainer.logger=false",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "torn.ckpt cannot be read" in out.stderr and "good.ckpt" in out.stderr
 
 
 def _accumulating(tmp: Path, name: str, steps: int = 24) -> list[str]:
     """Dropout on, 2 micro-batches of 4 per step, a checkpoint every 4 steps."""
-    return _config(tmp, name, growth=False) + [f"--trainer.max_steps={steps}", "--data.init_args.batch_size=4",
-                                               "--data.init_args.global_batch_size=8"]
+    return _config(tmp, name, growth=False) + [
+        f"--trainer.max_steps={steps}",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.global_batch_size=8",
+    ]
 
 
 @pytest.mark.parametrize("micro_batch", [0, 1], ids=["first-micro-batch", "second-micro-batch"])

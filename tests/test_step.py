@@ -23,9 +23,10 @@ from flm_lightning.parallel.dims import ParallelDims
 from flm_lightning.tools.compare_layouts import run_layout
 from tests.conftest import tiny_config
 
-RECORDS = ([{"text": f"{a} plus {b} is", "proposition": f"the sum {a + b + (a % 2)}", "label": a % 2 == 0}
-            for a, b in zip(range(12), range(5, 17))]
-           + [{"prompt": f"Name the number {a}.", "response": f"It is {a}."} for a in range(6)])
+RECORDS = [
+    {"text": f"{a} plus {b} is", "proposition": f"the sum {a + b + (a % 2)}", "label": a % 2 == 0}
+    for a, b in zip(range(12), range(5, 17))
+] + [{"prompt": f"Name the number {a}.", "response": f"It is {a}."} for a in range(6)]
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +40,14 @@ def corpus(docs_cache, tmp_path_factory) -> dict:
 
 
 def _datamodule(corpus, batch_size, reset=True, ratio=0.25, global_batch_size=None) -> MixtureDataModule:
-    dm = MixtureDataModule(sources=[SourceSpec(corpus["path"])], seq_len=32, batch_size=batch_size,
-                           global_batch_size=global_batch_size, reset_at_document_boundaries=reset,
-                           teacher=TeacherSpec(corpus["teacher"], ratio=ratio, true_token="Y", false_token="N",
-                                               val_fraction=0.0))
+    dm = MixtureDataModule(
+        sources=[SourceSpec(corpus["path"])],
+        seq_len=32,
+        batch_size=batch_size,
+        global_batch_size=global_batch_size,
+        reset_at_document_boundaries=reset,
+        teacher=TeacherSpec(corpus["teacher"], ratio=ratio, true_token="Y", false_token="N", val_fraction=0.0),
+    )
     dm.setup("fit")
     return dm
 
@@ -134,8 +139,11 @@ def test_trainer_accumulation_logs_the_steps_values(corpus, tmp_path):
     """One process: batch 8 vs 2 and 4 micro-batches per step log the same per-step loss, gradient norm,
     language and teacher losses; a step without teacher tokens logs no teacher loss."""
     runs = {}
-    for name, extra in (("whole", []), ("k2", ["--data.init_args.batch_size=4"]),
-                        ("k4", ["--data.init_args.batch_size=2"])):
+    for name, extra in (
+        ("whole", []),
+        ("k2", ["--data.init_args.batch_size=4"]),
+        ("k4", ["--data.init_args.batch_size=2"]),
+    ):
         main(["fit", "-c", _config(corpus, tmp_path, name), "--data.init_args.global_batch_size=8", *extra])
         runs[name] = _scalars(tmp_path / name)
     whole = runs["whole"]
@@ -147,8 +155,15 @@ def test_trainer_accumulation_logs_the_steps_values(corpus, tmp_path):
                 assert runs[name][tag][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, tag, step)
     # Teacher rows are one of 16 samples: some steps of 2 x 8 samples have none, and log no teacher values.
     sparse = tmp_path / "sparse"
-    main(["fit", "-c", _config(corpus, tmp_path, "sparse", steps=8, ratio=0.0625), "--data.init_args.batch_size=2",
-          "--data.init_args.global_batch_size=4"])
+    main(
+        [
+            "fit",
+            "-c",
+            _config(corpus, tmp_path, "sparse", steps=8, ratio=0.0625),
+            "--data.init_args.batch_size=2",
+            "--data.init_args.global_batch_size=4",
+        ]
+    )
     logged = _scalars(sparse)
     teacher_steps = set(logged["train/teacher_loss"])
     assert 0 < len(teacher_steps) < 8 and set(logged["train/lm_loss"]) == set(range(8))
@@ -171,11 +186,17 @@ def test_parallel_accumulation_matches_one_process(corpus, tmp_path, layout, bat
     reference = _scalars(tmp_path / "ref")["train/loss"]
     pp, dp, tp = (int(x) for x in layout.split("x"))
     dims = ParallelDims.infer(pp * dp * tp, tp=tp, pp=pp)
-    extra = ["--trainer.logger=false", "--trainer.callbacks=[]",
-             "--trainer.callbacks+=flm_lightning.tools.compare_layouts.LossRecorder",
-             f"--trainer.devices={dims.world_size}", "--trainer.strategy=flm_lightning.parallel.FLMParallelStrategy",
-             f"--trainer.strategy.init_args.pipeline_parallel_size={pp}", "--trainer.use_distributed_sampler=false",
-             f"--data.init_args.batch_size={batch_size}", "--data.init_args.global_batch_size=8"]
+    extra = [
+        "--trainer.logger=false",
+        "--trainer.callbacks=[]",
+        "--trainer.callbacks+=flm_lightning.tools.compare_layouts.LossRecorder",
+        f"--trainer.devices={dims.world_size}",
+        "--trainer.strategy=flm_lightning.parallel.FLMParallelStrategy",
+        f"--trainer.strategy.init_args.pipeline_parallel_size={pp}",
+        "--trainer.use_distributed_sampler=false",
+        f"--data.init_args.batch_size={batch_size}",
+        "--data.init_args.global_batch_size=8",
+    ]
     losses = run_layout(config, dims, extra, str(tmp_path), layout.replace("x", "_"))["train"]
     assert len(losses) == 4
     assert max(abs(a - reference[s]) for s, a in enumerate(losses)) < 1e-5

@@ -65,35 +65,73 @@ def test_info_sees_the_merged_normalised_config(configs, capsys):
 
 
 def test_plan_sees_the_merged_config(configs, capsys):
-    tool_main(["plan", "-c", configs[0], "-c", configs[1], "--set", "model.arch.hidden_size=128", "--gpus", "1",
-               "--tp", "1", "--pp", "1", "--global-batch", "8", "--json"])
+    tool_main(
+        [
+            "plan",
+            "-c",
+            configs[0],
+            "-c",
+            configs[1],
+            "--set",
+            "model.arch.hidden_size=128",
+            "--gpus",
+            "1",
+            "--tp",
+            "1",
+            "--pp",
+            "1",
+            "--global-batch",
+            "8",
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["parameters"] == 1_410_688
     assert report["flops_per_token"] == count_model(MERGED, 48).flops_per_token
 
 
 def test_predict_loss_target_overlays(configs, tmp_path, capsys):
-    rows = ["params,loss"] + [f"{n},{50 * n ** -0.25 + 2.0}" for n in (1e4, 3e4, 1e5, 3e5)]
+    rows = ["params,loss"] + [f"{n},{50 * n**-0.25 + 2.0}" for n in (1e4, 3e4, 1e5, 3e5)]
     (tmp_path / "runs.csv").write_text("\n".join(rows) + "\n")
-    tool_main(["predict-loss", "--csv", str(tmp_path / "runs.csv"), "--target", configs[0], "--target", configs[1],
-               "--out", str(tmp_path / "out")])
+    tool_main(
+        [
+            "predict-loss",
+            "--csv",
+            str(tmp_path / "runs.csv"),
+            "--target",
+            configs[0],
+            "--target",
+            configs[1],
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     result = json.loads((tmp_path / "out" / "predict_loss.json").read_text())
     six_layers = ModelConfig(vocab_size=512, n_layers=6, n_heads=4, hidden_size=64, max_seq_len=64)
     assert result["target_params"] == count_model(six_layers).non_embedding_parameters
 
 
-@pytest.mark.parametrize("tool", [
-    ["info"],
-    ["plan", "--gpus", "1"],
-    ["bench"],
-    ["coord-check"],
-    ["grow", "--ckpt", "none.ckpt", "--out", "{tmp}/out.ckpt"],
-    ["predict-loss", "--sweep", "--out", "{tmp}/pl"],
-    ["compare-layouts", "--layouts", "1x1x1"],
-])
+@pytest.mark.parametrize(
+    "tool",
+    [
+        ["info"],
+        ["plan", "--gpus", "1"],
+        ["bench"],
+        ["coord-check"],
+        ["grow", "--ckpt", "none.ckpt", "--out", "{tmp}/out.ckpt"],
+        ["predict-loss", "--sweep", "--out", "{tmp}/pl"],
+        ["compare-layouts", "--layouts", "1x1x1"],
+    ],
+)
 def test_a_bad_key_is_one_line_and_exit_2_in_every_tool(tool, configs, tmp_path, capsys):
-    argv = [a.format(tmp=tmp_path) for a in tool] + ["-c", configs[0], "-c", configs[1],
-                                                      "--set", "model.arch.n_layer=6"]
+    argv = [a.format(tmp=tmp_path) for a in tool] + [
+        "-c",
+        configs[0],
+        "-c",
+        configs[1],
+        "--set",
+        "model.arch.n_layer=6",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         tool_main(argv)
     assert exit_info.value.code == 2
@@ -102,15 +140,24 @@ def test_a_bad_key_is_one_line_and_exit_2_in_every_tool(tool, configs, tmp_path,
     assert not any("Traceback" in line for line in err)
 
 
-@pytest.mark.parametrize("configs_, overrides, message", [
-    (["{tmp}/nope.yaml"], [], "config file {tmp}/nope.yaml does not exist"),
-    (["{tmp}/base.yaml"], ["model.compile"], "--set expects KEY=VALUE, got 'model.compile'"),
-    (["{tmp}/base.yaml"], ["model.arch.n_heads=3"],
-     "model.arch.hidden_size (64) is not divisible by model.arch.n_heads (3)"),
-    (["{tmp}/base.yaml"], ["trainer.precision=17"], "trainer.precision: invalid value '17'"),
-    (["{tmp}/base.yaml"], ["model.arch.base_hidden_size=16"],
-     "model.arch.base_hidden_size (16) must equal model.mup.base_hidden_size (32)"),
-])
+@pytest.mark.parametrize(
+    "configs_, overrides, message",
+    [
+        (["{tmp}/nope.yaml"], [], "config file {tmp}/nope.yaml does not exist"),
+        (["{tmp}/base.yaml"], ["model.compile"], "--set expects KEY=VALUE, got 'model.compile'"),
+        (
+            ["{tmp}/base.yaml"],
+            ["model.arch.n_heads=3"],
+            "model.arch.hidden_size (64) is not divisible by model.arch.n_heads (3)",
+        ),
+        (["{tmp}/base.yaml"], ["trainer.precision=17"], "trainer.precision: invalid value '17'"),
+        (
+            ["{tmp}/base.yaml"],
+            ["model.arch.base_hidden_size=16"],
+            "model.arch.base_hidden_size (16) must equal model.mup.base_hidden_size (32)",
+        ),
+    ],
+)
 def test_load_config_errors_are_main_py_lines(configs_, overrides, message, configs, tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config([c.format(tmp=tmp_path) for c in configs_], overrides)

@@ -15,8 +15,14 @@ from flm_lightning.cli import main, resolve_last
 from flm_lightning.console import quiet_third_party, summarize_unknown_key, yaml_syntax_error
 from tests.conftest import TINY
 
-FAST = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=1",
-        "--trainer.num_sanity_val_steps=0", "--data.batch_size=4", "--model.arch.n_layers=1"]
+FAST = [
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.limit_val_batches=1",
+    "--trainer.num_sanity_val_steps=0",
+    "--data.batch_size=4",
+    "--model.arch.n_layers=1",
+]
 
 
 def _error(capsys, argv) -> str:
@@ -28,26 +34,32 @@ def _error(capsys, argv) -> str:
     return err[-1]
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["--model.arch.n_layer=6"], "error: unknown key model.arch.n_layer (did you mean n_layers?)"),
-    (["--model.optim.lrr=1"], "error: unknown key model.optim.lrr (did you mean lr?)"),
-    (["--data.batch_sise=3"], "error: unknown key data.batch_sise (did you mean batch_size?)"),
-    (["--trainer.max_step=50"], "error: unknown key trainer.max_step (did you mean max_steps?)"),  # no abbreviation
-    (["--ckpt_pth=last"], "error: unknown key ckpt_pth (did you mean ckpt_path?)"),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--model.arch.n_layer=6"], "error: unknown key model.arch.n_layer (did you mean n_layers?)"),
+        (["--model.optim.lrr=1"], "error: unknown key model.optim.lrr (did you mean lr?)"),
+        (["--data.batch_sise=3"], "error: unknown key data.batch_sise (did you mean batch_size?)"),
+        (["--trainer.max_step=50"], "error: unknown key trainer.max_step (did you mean max_steps?)"),  # no abbreviation
+        (["--ckpt_pth=last"], "error: unknown key ckpt_pth (did you mean ckpt_path?)"),
+    ],
+)
 def test_unknown_keys_on_the_command_line(extra, expected, capsys):
     assert _error(capsys, ["fit", "-c", TINY, *extra]) == expected
 
 
 def test_unknown_key_and_syntax_error_in_yaml(tmp_path, capsys):
     (tmp_path / "typo.yaml").write_text("model:\n  arch:\n    n_layer: 6\n")
-    assert _error(capsys, ["fit", "-c", TINY, "-c", str(tmp_path / "typo.yaml")]) == \
-        "error: unknown key model.arch.n_layer (did you mean n_layers?)"
+    assert (
+        _error(capsys, ["fit", "-c", TINY, "-c", str(tmp_path / "typo.yaml")])
+        == "error: unknown key model.arch.n_layer (did you mean n_layers?)"
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  arch:\n    n_layers: 6\n   hidden_size: 64\n")
     assert _error(capsys, ["fit", "-c", TINY, "-c", str(bad)]) == (
         f"error: {bad}:4:4: invalid YAML: expected <block end>, but found '<block mapping start>' "
-        "(while parsing a block mapping)")
+        "(while parsing a block mapping)"
+    )
     assert yaml_syntax_error(str(tmp_path / "typo.yaml")) is None
 
 
@@ -79,21 +91,25 @@ def test_used_folder_mismatch_and_failed_start(docs_cache, tmp_path, capsys):
     assert _error(capsys, common + ["--trainer.max_steps=4"]) == (
         f"error: {tmp_path}/tiny/checkpoints already holds the checkpoints of an earlier run (1 file; newest "
         "last.ckpt at step 2): resume it with --ckpt_path last, or start a new run with "
-        "--trainer.logger.init_args.name=NEW_NAME")
+        "--trainer.logger.init_args.name=NEW_NAME"
+    )
     # Resuming with another architecture: the file and both values, from `last` and from the file itself.
     expected = "model.arch differs from the config's: n_layers is 1 in the checkpoint, 2 in the config"
     assert _error(capsys, common + ["--ckpt_path=last", "--model.arch.n_layers=2"]) == f"error: {ckpt}: {expected}"
     assert _error(capsys, common + [f"--ckpt_path={ckpt}", "--model.arch.n_layers=2"]) == f"error: {ckpt}: {expected}"
     # A start that fails in setup (vocabulary smaller than the tokenizer's) leaves no empty version folder.
     assert _error(capsys, common + ["--trainer.logger.init_args.name=v", "--model.arch.vocab_size=1000"]).startswith(
-        "error: model.arch.vocab_size (1000) is smaller than the tokenizer's vocabulary")
+        "error: model.arch.vocab_size (1000) is smaller than the tokenizer's vocabulary"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["checkpoints", "version_0"]
 
 
 def test_help_imports_no_heavy_library():
-    code = ("import sys\nfrom flm_lightning.__main__ import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
-            "    pass\nprint(sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys\nfrom flm_lightning.__main__ import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
+        "    pass\nprint(sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]"
 

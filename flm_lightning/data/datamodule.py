@@ -104,14 +104,23 @@ class MixtureDataModule(L.LightningDataModule):
         self.val_parts = [PackedWindows(c, "val", self.seq_len, self.eod, self.reset) for c in self.corpora]
         for name, part in zip(self.names, self.train_parts):
             if len(part) == 0:
-                raise DataError(f"data: domain {name!r} has fewer than seq_len + 1 = {self.seq_len + 1} training tokens")
+                raise DataError(
+                    f"data: domain {name!r} has fewer than seq_len + 1 = {self.seq_len + 1} training tokens"
+                )
         self.teacher_train = self.teacher_val = None
         if self.teacher is not None:
             records = read_teacher_records(self.teacher.path)
             order = np.random.default_rng(self.seed).permutation(len(records))
             n_val = int(round(self.teacher.val_fraction * len(records)))
-            samples = TeacherSamples([records[i] for i in order], self.tokenizer, self.teacher, self.seq_len,
-                                     self.eod, self.reset, f"data.teacher ({self.teacher.path})")
+            samples = TeacherSamples(
+                [records[i] for i in order],
+                self.tokenizer,
+                self.teacher,
+                self.seq_len,
+                self.eod,
+                self.reset,
+                f"data.teacher ({self.teacher.path})",
+            )
             self.teacher_val = Subset(samples, range(n_val)) if n_val else None
             self.teacher_train = Subset(samples, range(n_val, len(samples)))
             if len(self.teacher_train) == 0:
@@ -169,8 +178,14 @@ class MixtureDataModule(L.LightningDataModule):
             caps.append(None)
         dataset = MixtureDataset(parts, weights, caps, total, self.seed)
         sampler = ResumableSampler(self.consumed_samples, total, step_rows, rank, world)
-        return DataLoader(dataset, batch_size=step_rows, sampler=sampler, num_workers=self.num_workers,
-                          drop_last=True, generator=self._generator())
+        return DataLoader(
+            dataset,
+            batch_size=step_rows,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            drop_last=True,
+            generator=self._generator(),
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         """Batches of one step's rows per rank (`micro_batches x batch_size`), split into micro-batches by
@@ -186,17 +201,29 @@ class MixtureDataModule(L.LightningDataModule):
         rank, world = self._world()
         rows = self.batch_size * self.micro_batches
         if world == 1:
-            return [DataLoader(s, batch_size=rows, shuffle=False, num_workers=self.num_workers,
-                               generator=self._generator()) for s in sets]
+            return [
+                DataLoader(s, batch_size=rows, shuffle=False, num_workers=self.num_workers, generator=self._generator())
+                for s in sets
+            ]
         # Data-parallel ranks split each global batch of windows (as in training). Every rank must run
         # the same number of batches (sharded models gather in forward), so a last partial global
         # batch is left out.
         for s in sets:
             if len(s) < rows * world:
-                raise DataError(f"data: a validation set of {len(s)} windows is smaller than one global batch "
-                                f"({rows} x {world} data-parallel ranks); lower data.batch_size")
-        return [DataLoader(s, batch_size=rows, num_workers=self.num_workers, generator=self._generator(),
-                           sampler=ResumableSampler(0, len(s), rows, rank, world)) for s in sets]
+                raise DataError(
+                    f"data: a validation set of {len(s)} windows is smaller than one global batch "
+                    f"({rows} x {world} data-parallel ranks); lower data.batch_size"
+                )
+        return [
+            DataLoader(
+                s,
+                batch_size=rows,
+                num_workers=self.num_workers,
+                generator=self._generator(),
+                sampler=ResumableSampler(0, len(s), rows, rank, world),
+            )
+            for s in sets
+        ]
 
     def _generator(self) -> torch.Generator:
         # Its own generator: creating an iterator must not draw from the global RNG, or a resumed
@@ -254,10 +281,22 @@ class TextDataModule(MixtureDataModule):
             raise ConfigError(f"data.vocab_size must be at least 257 (256 bytes + end of document), got {vocab_size}")
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-        self.corpus, self.tokenizer_path, self.vocab_size, self.val_fraction = corpus, tokenizer, vocab_size, val_fraction
+        self.corpus, self.tokenizer_path, self.vocab_size, self.val_fraction = (
+            corpus,
+            tokenizer,
+            vocab_size,
+            val_fraction,
+        )
         self.cache_root = Path(cache_dir)
-        super().__init__(sources=[], seq_len=seq_len, batch_size=batch_size, global_batch_size=global_batch_size,
-                         seed=seed, num_workers=num_workers, reset_at_document_boundaries=reset_at_document_boundaries)
+        super().__init__(
+            sources=[],
+            seq_len=seq_len,
+            batch_size=batch_size,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            num_workers=num_workers,
+            reset_at_document_boundaries=reset_at_document_boundaries,
+        )
         self.save_hyperparameters()
         self.sources = [SourceSpec(path=str(self.cache_path), name=corpus if corpus == BUILTIN else "text")]
 
@@ -276,8 +315,13 @@ class TextDataModule(MixtureDataModule):
     def prepare_data(self) -> None:
         if (self.cache_path / "manifest.json").is_file():
             return
-        options = dict(tokenizer=self.tokenizer_path, vocab_size=None if self.tokenizer_path else self.vocab_size,
-                       val_fraction=self.val_fraction, seed=self.seed, progress=False)
+        options = dict(
+            tokenizer=self.tokenizer_path,
+            vocab_size=None if self.tokenizer_path else self.vocab_size,
+            val_fraction=self.val_fraction,
+            seed=self.seed,
+            progress=False,
+        )
         if self.corpus == BUILTIN:
             prepare_documents(python_docs, str(self.cache_path), domain=BUILTIN, sources=[BUILTIN], **options)
         else:

@@ -51,9 +51,9 @@ class TeacherSpec:
     only) and/or {"prompt", "response"} (instruction samples, prompt masked)."""
     ratio: float = 0.1
     """Fraction of the rows of every batch."""
-    true_token: str = "\U0001F608"
+    true_token: str = "\U0001f608"
     """Label token for true propositions (FLM-101B used two emoji)."""
-    false_token: str = "\U0001F621"
+    false_token: str = "\U0001f621"
     """Label token for false ones. Both must be single tokens of the tokenizer (prepare with
     --special-tokens to make them so)."""
     val_fraction: float = 0.1
@@ -99,10 +99,21 @@ def document_masks(input_ids: torch.Tensor, eod: int) -> dict[str, torch.Tensor]
 class TeacherSamples:
     """Teacher (judgement) and instruction records as fixed-length samples."""
 
-    def __init__(self, records: list[dict], tok: Tokenizer, spec: TeacherSpec, seq_len: int, eod: int,
-                 reset_at_documents: bool, where: str):
+    def __init__(
+        self,
+        records: list[dict],
+        tok: Tokenizer,
+        spec: TeacherSpec,
+        seq_len: int,
+        eod: int,
+        reset_at_documents: bool,
+        where: str,
+    ):
         self.seq_len, self.eod, self.reset = seq_len, eod, reset_at_documents
-        self.label_ids = {True: _single_token(tok, spec.true_token, where), False: _single_token(tok, spec.false_token, where)}
+        self.label_ids = {
+            True: _single_token(tok, spec.true_token, where),
+            False: _single_token(tok, spec.false_token, where),
+        }
         self.samples = [self._build(r, tok, f"{where} record {i}") for i, r in enumerate(records)]
 
     def _build(self, record: dict, tok: Tokenizer, where: str) -> tuple[list[int], list[int]]:
@@ -110,7 +121,7 @@ class TeacherSamples:
             if not isinstance(record["label"], bool):
                 raise DataError(f"{where}: 'label' must be true or false, got {record['label']!r}")
             body = tok.encode(f"{record['text']} {record['proposition']}", add_special_tokens=False).ids
-            body = body[-(self.seq_len):]  # keep the proposition next to its verdict
+            body = body[-(self.seq_len) :]  # keep the proposition next to its verdict
             ids = body + [self.label_ids[record["label"]]]
             trained = [len(ids) - 1]  # only the label token
         elif {"prompt", "response"} <= record.keys():
@@ -131,7 +142,12 @@ class TeacherSamples:
         padded[: len(ids)] = torch.tensor(ids)
         mask = torch.zeros(self.seq_len + 1)
         mask[trained] = 1.0
-        sample = {"input_ids": padded[:-1], "labels": padded[1:], "loss_mask": mask[1:], "is_teacher": torch.tensor(True)}
+        sample = {
+            "input_ids": padded[:-1],
+            "labels": padded[1:],
+            "loss_mask": mask[1:],
+            "is_teacher": torch.tensor(True),
+        }
         if self.reset:
             sample.update(document_masks(padded[:-1], self.eod))
         return sample

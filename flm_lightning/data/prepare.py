@@ -52,9 +52,14 @@ def prepare(inputs: list[str], output: str, text_field: str = "text", **options)
     def documents(stats: ReadStats) -> Iterator[str]:
         return read_documents(files, text_field, stats)
 
-    return prepare_documents(documents, output, sources=[str(f) for f in files],
-                             total_bytes=None if any(f.suffix == ".parquet" for f in files)
-                             else sum(f.stat().st_size for f in files), text_field=text_field, **options)
+    return prepare_documents(
+        documents,
+        output,
+        sources=[str(f) for f in files],
+        total_bytes=None if any(f.suffix == ".parquet" for f in files) else sum(f.stat().st_size for f in files),
+        text_field=text_field,
+        **options,
+    )
 
 
 def prepare_documents(
@@ -79,7 +84,9 @@ def prepare_documents(
     if (tokenizer is None) == (vocab_size is None):
         raise DataError("give exactly one of --tokenizer tokenizer.json and --vocab-size N")
     if vocab_size is not None and vocab_size < 257 + len(special_tokens):
-        raise DataError(f"--vocab-size must be at least {257 + len(special_tokens)} (bytes + special tokens), got {vocab_size}")
+        raise DataError(
+            f"--vocab-size must be at least {257 + len(special_tokens)} (bytes + special tokens), got {vocab_size}"
+        )
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if workers < 1:

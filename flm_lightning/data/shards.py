@@ -18,6 +18,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 
 from flm_lightning.errors import DataError
@@ -56,8 +57,14 @@ class ShardWriter:
         (self.folder / f"{name}.bin").write_bytes(data)
         np.save(self.folder / f"{name}.idx.npy", np.asarray(self._ends, dtype=np.int64))
         (self.folder / f"{name}.idx.npy").rename(self.folder / f"{name}.idx")
-        self.shards.append({"name": name, "tokens": self._count, "documents": len(self._ends),
-                            "sha256": hashlib.sha256(data).hexdigest()})
+        self.shards.append(
+            {
+                "name": name,
+                "tokens": self._count,
+                "documents": len(self._ends),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
         self._pieces, self._ends, self._count = [], [], 0
 
     def summary(self) -> dict:
@@ -82,7 +89,11 @@ class PreparedCorpus:
         self.path = Path(path)
         manifest_file = self.path / "manifest.json"
         if not manifest_file.is_file():
-            hint = " (an interrupted prepare? run it again)" if self.path.with_name(self.path.name + ".partial").exists() else ""
+            hint = (
+                " (an interrupted prepare? run it again)"
+                if self.path.with_name(self.path.name + ".partial").exists()
+                else ""
+            )
             raise DataError(f"{self.path} is not a prepared data directory: no manifest.json{hint}")
         try:
             self.manifest = json.loads(manifest_file.read_text())
@@ -91,7 +102,9 @@ class PreparedCorpus:
         if self.manifest.get("format") != FORMAT:
             raise DataError(f"{manifest_file}: unknown format {self.manifest.get('format')!r} (expected {FORMAT})")
         self.dtype = np.dtype(self.manifest["dtype"])
-        self.splits = {split: self._open(split, verify_checksums) for split in SPLITS if split in self.manifest["splits"]}
+        self.splits = {
+            split: self._open(split, verify_checksums) for split in SPLITS if split in self.manifest["splits"]
+        }
 
     @property
     def domain(self) -> str:
@@ -131,7 +144,9 @@ class PreparedCorpus:
 
     def check_same_tokenizer(self, tokenizer_sha256: str) -> None:
         if tokenizer_sha256 != self.tokenizer_sha256:
-            raise DataError(f"{self.path}: prepared with a different tokenizer than the other sources / the one configured")
+            raise DataError(
+                f"{self.path}: prepared with a different tokenizer than the other sources / the one configured"
+            )
 
 
 def sha256_text(text: str) -> str:

@@ -11,5 +11,13 @@ from flm_lightning.growth.operators import (
 )
 from flm_lightning.growth.optimizer import transfer_adam_state
 
-__all__ = ["GrowthMasks", "MaskPlan", "check_growth", "grow", "layer_order", "mask_value", "masked_norm",
-           "transfer_adam_state"]
+__all__ = [
+    "GrowthMasks",
+    "MaskPlan",
+    "check_growth",
+    "grow",
+    "layer_order",
+    "mask_value",
+    "masked_norm",
+    "transfer_adam_state",
+]

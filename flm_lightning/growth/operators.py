@@ -51,7 +51,8 @@ def check_growth(old: ModelConfig, new: ModelConfig) -> None:
             f"(n_heads {new.n_heads} x head_dim {old.head_size} need not equal hidden_size)"
         )
     changed = {
-        f.name for f in old.__dataclass_fields__.values()
+        f.name
+        for f in old.__dataclass_fields__.values()
         if f.name not in GROWABLE + ("head_dim", "base_hidden_size", "max_seq_len")
         and getattr(old, f.name) != getattr(new, f.name)
     }
@@ -60,13 +61,20 @@ def check_growth(old: ModelConfig, new: ModelConfig) -> None:
     if new.max_seq_len < old.max_seq_len:
         raise ConfigError(f"growth cannot shrink max_seq_len: {old.max_seq_len} -> {new.max_seq_len}")
     if new.tie_embeddings and old.logit_scale != new.logit_scale:
-        raise ConfigError("a tied model cannot grow its width under a μP output multiplier (the head cannot be rescaled)")
-    if (new.function_fields() == old.function_fields()):
+        raise ConfigError(
+            "a tied model cannot grow its width under a μP output multiplier (the head cannot be rescaled)"
+        )
+    if new.function_fields() == old.function_fields():
         raise ConfigError("the growth target equals the current model: nothing grows")
 
 
-def layer_order(n_old: int, n_new: int, mode: DepthMode = "stack", init: DepthInit = "copy",
-                order: Optional[list[LayerSource]] = None) -> list[LayerSource]:
+def layer_order(
+    n_old: int,
+    n_new: int,
+    mode: DepthMode = "stack",
+    init: DepthInit = "copy",
+    order: Optional[list[LayerSource]] = None,
+) -> list[LayerSource]:
     """Where each layer of the grown model comes from.
 
     stack: old layers first, then new ones copying layers 0, 1, ... (cyclically);
@@ -112,8 +120,9 @@ def _copy_leading(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def grow_model(model: FLMTransformer, new_config: ModelConfig, sources: list[LayerSource],
-               seed: int = 0, initialize=None) -> tuple[FLMTransformer, dict[str, Optional[str]]]:
+def grow_model(
+    model: FLMTransformer, new_config: ModelConfig, sources: list[LayerSource], seed: int = 0, initialize=None
+) -> tuple[FLMTransformer, dict[str, Optional[str]]]:
     """The grown network and, for every new parameter name, the old parameter it came from (or None).
     The caller (`grow`) has checked that `new_config` is a growth of `model.config`.
 
@@ -203,8 +212,16 @@ class MaskPlan:
 
     @classmethod
     def between(cls, old: ModelConfig, new: ModelConfig, sources: list[LayerSource]) -> "MaskPlan":
-        return cls(old.hidden_size, new.hidden_size, old.n_heads, new.n_heads, new.head_size, old.ffn_size,
-                   new.ffn_size, new_layer_positions(sources))
+        return cls(
+            old.hidden_size,
+            new.hidden_size,
+            old.n_heads,
+            new.n_heads,
+            new.head_size,
+            old.ffn_size,
+            new.ffn_size,
+            new_layer_positions(sources),
+        )
 
 
 class GrowthMasks:
@@ -247,7 +264,7 @@ class GrowthMasks:
     def _vector(self, n_old: int, n: int, like: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """1 for the n_old old coordinates, m for new ones, over coordinates offset .. offset + n."""
         c = torch.ones(n, dtype=torch.float32, device=like.device)
-        c[max(n_old - offset, 0):] = self.m
+        c[max(n_old - offset, 0) :] = self.m
         return c
 
     def _scale_input(self, n_old: int):
@@ -257,11 +274,13 @@ class GrowthMasks:
             if isinstance(args[0], DTensor):
                 y = DTensor.from_local(y, args[0].device_mesh, args[0].placements)
             return (y,) + tuple(args[1:])
+
         return pre_hook
 
     def _scale_output(self, n_old: int):
         def hook(module, args, out):
             return out * self._vector(n_old, out.shape[-1], out).to(out.dtype)
+
         return hook
 
     def _norm(self):
@@ -269,11 +288,13 @@ class GrowthMasks:
             x = _local(args[0])  # a sequence-parallel norm sees a DTensor sharded on the sequence
             y = masked_norm(module, x, self._vector(self.plan.old_hidden, x.shape[-1], x))
             return DTensor.from_local(y, out.device_mesh, out.placements) if isinstance(out, DTensor) else y
+
         return hook
 
     def _scale_branch(self):
         def hook(module, args, out):
             return out * self.m
+
         return hook
 
     def remove(self) -> None:
@@ -296,8 +317,15 @@ def rescale_head_for_width(grown: FLMTransformer, old: ModelConfig, new: ModelCo
             grown.output.weight.mul_(old.logit_scale / new.logit_scale)
 
 
-def grow(model: FLMTransformer, new_config: ModelConfig, mode: DepthMode = "stack", init: DepthInit = "copy",
-         order: Optional[list[LayerSource]] = None, seed: int = 0, initialize=None):
+def grow(
+    model: FLMTransformer,
+    new_config: ModelConfig,
+    mode: DepthMode = "stack",
+    init: DepthInit = "copy",
+    order: Optional[list[LayerSource]] = None,
+    seed: int = 0,
+    initialize=None,
+):
     """One growth event: (grown model, parameter origins, layer sources, mask plan). Masks not yet installed."""
     old = model.config
     check_growth(old, new_config)

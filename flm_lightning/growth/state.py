@@ -133,7 +133,8 @@ class GrowthState:
         self.advance(step)
         if self.ramp is not None:
             raise ConfigError(
-                f"cannot grow at step {step}: the ramp of the growth at step {self.ramp['start_step']} is still in progress"
+                f"cannot grow at step {step}: the ramp of the growth at step {self.ramp['start_step']} "
+                "is still in progress"
             )
 
     # ---- growing -------------------------------------------------------------------------------
@@ -160,13 +161,26 @@ class GrowthState:
         spec.check()  # the layer order is checked by `grow`, after the target
         self.check_can_grow(step)
         old_arch = model.config
-        grown, origin, sources, plan = grow(model, target, mode=spec.depth_mode, init=spec.depth_init,
-                                            order=spec.layer_order, seed=spec.seed, initialize=initialize)
+        grown, origin, sources, plan = grow(
+            model,
+            target,
+            mode=spec.depth_mode,
+            init=spec.depth_init,
+            order=spec.layer_order,
+            seed=spec.seed,
+            initialize=initialize,
+        )
         self.ramp = {"plan": asdict(plan), "start_step": step, "ramp_steps": spec.ramp_steps}
         self.mask_value = 0.0
         self.lr_events.append({"step": step, "policy": spec.lr_policy, "rewarmup_steps": spec.rewarmup_steps})
-        self.history.append({"step": step, "from": old_arch.to_dict(), "to": target.to_dict(),
-                             "layer_sources": [str(x) for x in sources]})
+        self.history.append(
+            {
+                "step": step,
+                "from": old_arch.to_dict(),
+                "to": target.to_dict(),
+                "layer_sources": [str(x) for x in sources],
+            }
+        )
         if spec.ramp_steps <= 0:
             self.fold()
         result = GrownNetwork(grown, model, origin)
@@ -174,14 +188,19 @@ class GrowthState:
             result.optimizer = build_optimizer(grown)
             transfer_adam_state(optimizer, model, result.optimizer, grown, origin, spec.optimizer_step)
             result.optimizer_state = get_optimizer_state_dict(
-                grown, result.optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
+                grown, result.optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True)
+            )
         return result
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Plain containers (checkpoints load with weights_only=True)."""
-        return {"ramp": self.ramp, "mask_value": self.mask_value, "lr_events": list(self.lr_events),
-                "history": list(self.history)}
+        return {
+            "ramp": self.ramp,
+            "mask_value": self.mask_value,
+            "lr_events": list(self.lr_events),
+            "history": list(self.history),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take a saved state (masks are re-attached by `attach` once the network has the saved shape)."""
@@ -221,7 +240,9 @@ class GrowthHost(Protocol):
 
     def trainer_or_none(self) -> Any: ...
     def build_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer: ...
-    def swap_network(self, model: FLMTransformer, arch: ModelConfig, optimizer_state: Optional[dict] = None) -> None: ...
+    def swap_network(
+        self, model: FLMTransformer, arch: ModelConfig, optimizer_state: Optional[dict] = None
+    ) -> None: ...
 
 
 def grow_host(host: GrowthHost, target: ModelConfig, spec: GrowthSpec) -> GrownNetwork:
@@ -244,8 +265,15 @@ def grow_host(host: GrowthHost, target: ModelConfig, spec: GrowthSpec) -> GrownN
     if host.sharded:  # grow a gathered full copy, exactly as one process would
         model, optimizer = gather_for_growth(host.engine, host.model, optimizer, host.arch, host.build_optimizer)
     initialize = MuP(host.mup_cfg, target, host.optim_cfg.lr).initialize if host.mup_cfg is not None else None
-    grown = host.growth.grow(model, target, spec, host.global_step, optimizer=optimizer,
-                             build_optimizer=host.build_optimizer, initialize=initialize)
+    grown = host.growth.grow(
+        model,
+        target,
+        spec,
+        host.global_step,
+        optimizer=optimizer,
+        build_optimizer=host.build_optimizer,
+        initialize=initialize,
+    )
     host.swap_network(grown.model, target, grown.optimizer_state)
     host.growth.attach(host.model, host.engine.tp_rank)  # after sharding: hooks on this rank's modules
     return grown

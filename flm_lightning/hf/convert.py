@@ -44,8 +44,10 @@ from flm_lightning.hf import EXPORT_FORMATS
 from flm_lightning.model import ModelConfig
 
 REMOTE_DIR = Path(__file__).parent / "remote"
-REMOTE_FILES = {"flm": ("configuration_flm.py", "modeling_flm.py"),
-                "teleflm": ("configuration_teleflm.py", "modeling_teleflm.py")}
+REMOTE_FILES = {
+    "flm": ("configuration_flm.py", "modeling_flm.py"),
+    "teleflm": ("configuration_teleflm.py", "modeling_teleflm.py"),
+}
 TELEFLM_TYPE = "TeleFLM"
 MUP_KEYS = ("use_mup", "input_mult", "output_mult", "mup_scale_factor")
 
@@ -61,8 +63,11 @@ LLAMA_LAYER_NAMES = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
-LLAMA_GLOBAL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                      "output.weight": "lm_head.weight"}
+LLAMA_GLOBAL_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 ROTARY_BUFFER = "self_attn.rotary_emb.inv_freq"  # saved by transformers < 4.31 in .bin files
 
 
@@ -105,8 +110,9 @@ def from_llama_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 # ---- export -------------------------------------------------------------------------------
-def export_hf(ckpt_path: str, out: str, tokenizer_path: Optional[str] = None, force: bool = False,
-              format: str = "auto") -> str:
+def export_hf(
+    ckpt_path: str, out: str, tokenizer_path: Optional[str] = None, force: bool = False, format: str = "auto"
+) -> str:
     """Write a Hugging Face directory for a checkpoint of this trainer.
 
     format: "auto" (Llama when the network is one, else flm), "llama", "teleflm" or "flm".
@@ -122,12 +128,16 @@ def export_hf(ckpt_path: str, out: str, tokenizer_path: Optional[str] = None, fo
     arch = arch_from_checkpoint(ckpt, ckpt_path)
     family = format if format != "auto" else ("llama" if is_llama_compatible(arch) else "flm")
     if family == "teleflm" and not is_llama_family(arch):
-        raise ConfigError(f"--format teleflm needs RMSNorm, SwiGLU, RoPE and no biases; {ckpt_path} has "
-                          f"norm={arch.norm} activation={arch.activation} position={arch.position} bias={arch.bias} "
-                          f"(use --format flm)")
+        raise ConfigError(
+            f"--format teleflm needs RMSNorm, SwiGLU, RoPE and no biases; {ckpt_path} has "
+            f"norm={arch.norm} activation={arch.activation} position={arch.position} bias={arch.bias} "
+            f"(use --format flm)"
+        )
     if family == "llama" and not is_llama_compatible(arch):
-        raise ConfigError(f"--format llama cannot hold {ckpt_path}: it needs RMSNorm, SwiGLU, RoPE, no biases and an "
-                          f"untied head if there are multipliers to fold (use --format teleflm or flm)")
+        raise ConfigError(
+            f"--format llama cannot hold {ckpt_path}: it needs RMSNorm, SwiGLU, RoPE, no biases and an "
+            f"untied head if there are multipliers to fold (use --format teleflm or flm)"
+        )
     weights = {k: v.float() for k, v in model_weights(ckpt).items()}
     tok_text = Path(tokenizer_path).read_text(encoding="utf-8") if tokenizer_path else tokenizer_json(ckpt)
     if tok_text is None:
@@ -202,8 +212,10 @@ def _describe_teleflm(arch: ModelConfig) -> dict:
     config.update(
         architectures=["TeleFLMForCausalLM"],
         model_type=TELEFLM_TYPE,
-        auto_map={"AutoConfig": "configuration_teleflm.TeleFLMConfig",
-                  "AutoModelForCausalLM": "modeling_teleflm.TeleFLMForCausalLM"},
+        auto_map={
+            "AutoConfig": "configuration_teleflm.TeleFLMConfig",
+            "AutoModelForCausalLM": "modeling_teleflm.TeleFLMForCausalLM",
+        },
         use_mup=use_mup,
         input_mult=arch.input_mult,
         output_mult=arch.output_mult,
@@ -255,29 +267,90 @@ def _save_tokenizer(tok_text: str, out_dir: Path) -> Optional[int]:
 # ---- import -------------------------------------------------------------------------------
 # config.json keys that do not change what the weights compute: metadata, generation defaults,
 # output switches, training-only dropout, and pretraining_tp (Llama's split matmul, same result).
-INERT_KEYS = frozenset({
-    "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
-    "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "pretraining_tp", "attention_dropout",
-    "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder", "chunk_size_feed_forward",
-    "id2label", "label2id", "problem_type", "tokenizer_class", "initializer_range",
-})
+INERT_KEYS = frozenset(
+    {
+        "architectures",
+        "auto_map",
+        "model_type",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "_name_or_path",
+        "use_cache",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "pretraining_tp",
+        "attention_dropout",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "is_encoder_decoder",
+        "chunk_size_feed_forward",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "tokenizer_class",
+        "initializer_range",
+    }
+)
 # Llama keys the converter reads (the architecture) or checks (features with one supported value).
-LLAMA_KEYS = frozenset({
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling",
-    "max_position_embeddings", "tie_word_embeddings", "hidden_act", "attention_bias", "mlp_bias", "sliding_window",
-})
+LLAMA_KEYS = frozenset(
+    {
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_parameters",
+        "rope_scaling",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "hidden_act",
+        "attention_bias",
+        "mlp_bias",
+        "sliding_window",
+    }
+)
 # Keys of this project's own flm export (xpos_center: the fixed centre of older exports; it cancels in every score).
-FLM_KEYS = frozenset({
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "intermediate_size", "norm",
-    "norm_eps", "activation", "bias", "position", "rope_theta", "xpos_scale_base", "xpos_center", "tie_embeddings",
-    "input_mult", "logit_scale", "max_position_embeddings", "tie_word_embeddings",
-})
+FLM_KEYS = frozenset(
+    {
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "head_dim",
+        "intermediate_size",
+        "norm",
+        "norm_eps",
+        "activation",
+        "bias",
+        "position",
+        "rope_theta",
+        "xpos_scale_base",
+        "xpos_center",
+        "tie_embeddings",
+        "input_mult",
+        "logit_scale",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+    }
+)
 MODEL_TYPES = {"llama": LLAMA_KEYS, TELEFLM_TYPE: LLAMA_KEYS | set(MUP_KEYS), "flm": FLM_KEYS}
-SUPPORTED_TYPES = ("llama (Llama tensor names), TeleFLM (Llama names + use_mup/input_mult/output_mult/"
-                   "mup_scale_factor), flm (this project's export)")
-WEIGHT_LAYOUTS = ("model.safetensors", "model.safetensors.index.json + shards", "pytorch_model.bin",
-                  "pytorch_model.bin.index.json + shards")
+SUPPORTED_TYPES = (
+    "llama (Llama tensor names), TeleFLM (Llama names + use_mup/input_mult/output_mult/"
+    "mup_scale_factor), flm (this project's export)"
+)
+WEIGHT_LAYOUTS = (
+    "model.safetensors",
+    "model.safetensors.index.json + shards",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json + shards",
+)
 
 
 def _scaled_rope(v) -> bool:
@@ -320,8 +393,9 @@ def import_hf(model_dir: str, out: str, force: bool = False) -> ModelConfig:
     if isinstance(model_type, str) and model_type.lower() == TELEFLM_TYPE.lower():
         model_type = TELEFLM_TYPE
     if model_type not in MODEL_TYPES:
-        raise CheckpointError(f"{config_file}: model_type {model_type!r} is not supported; "
-                              f"supported layouts: {SUPPORTED_TYPES}")
+        raise CheckpointError(
+            f"{config_file}: model_type {model_type!r} is not supported; supported layouts: {SUPPORTED_TYPES}"
+        )
     _check_keys(config, model_type, config_file)
     try:  # the config first: unsupported features are reported before any weight is read
         if model_type == "flm":
@@ -350,10 +424,14 @@ def import_hf(model_dir: str, out: str, force: bool = False) -> ModelConfig:
     if set(expected) != set(weights) or any(expected[k] != weights[k].shape for k in expected):
         missing = sorted(set(expected) - set(weights))[:3]
         extra = sorted(set(weights) - set(expected))[:3]
-        shapes = [f"{k} {tuple(weights[k].shape)} != {tuple(expected[k])}" for k in sorted(set(expected) & set(weights))
-                  if expected[k] != weights[k].shape][:2]
-        raise CheckpointError(f"{src}: tensors do not match its config (missing {missing}, unexpected {extra}, "
-                              f"wrong shapes {shapes})")
+        shapes = [
+            f"{k} {tuple(weights[k].shape)} != {tuple(expected[k])}"
+            for k in sorted(set(expected) & set(weights))
+            if expected[k] != weights[k].shape
+        ][:2]
+        raise CheckpointError(
+            f"{src}: tensors do not match its config (missing {missing}, unexpected {extra}, wrong shapes {shapes})"
+        )
     tok_file = src / "tokenizer.json"
     tok_text = tok_file.read_text(encoding="utf-8") if tok_file.is_file() else None
     save_weights_checkpoint(out_path, arch, weights, tok_text)
@@ -368,11 +446,15 @@ def _check_keys(config: dict, model_type: str, config_file: Path) -> None:
         return
     key = unknown[0]
     if model_type == "llama" and key in MUP_KEYS:
-        raise CheckpointError(f"{config_file}: key {key!r} = {config[key]!r} has no meaning for model_type 'llama' "
-                              f"(Llama has no μP multipliers); for a Tele-FLM release set model_type to 'TeleFLM'")
+        raise CheckpointError(
+            f"{config_file}: key {key!r} = {config[key]!r} has no meaning for model_type 'llama' "
+            f"(Llama has no μP multipliers); for a Tele-FLM release set model_type to 'TeleFLM'"
+        )
     more = f" (and {len(unknown) - 1} more: {', '.join(unknown[1:4])})" if len(unknown) > 1 else ""
-    raise CheckpointError(f"{config_file}: key {key!r} = {config[key]!r} is not understood for model_type "
-                          f"{model_type!r}{more}; refusing rather than risk importing a different model")
+    raise CheckpointError(
+        f"{config_file}: key {key!r} = {config[key]!r} is not understood for model_type "
+        f"{model_type!r}{more}; refusing rather than risk importing a different model"
+    )
 
 
 def _load_weights(src: Path) -> dict[str, torch.Tensor]:
@@ -389,8 +471,10 @@ def _load_weights(src: Path) -> dict[str, torch.Tensor]:
             return {k: v.float() for k, v in reader(src / single).items()}
     suffixes = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
     found = sorted(p.name for p in src.iterdir() if p.suffix in suffixes)
-    raise CheckpointError(f"{src} holds no weights in a supported layout ({'; '.join(WEIGHT_LAYOUTS)}); "
-                          f"found {found or 'no weight files'}")
+    raise CheckpointError(
+        f"{src} holds no weights in a supported layout ({'; '.join(WEIGHT_LAYOUTS)}); "
+        f"found {found or 'no weight files'}"
+    )
 
 
 def _read_sharded(index: Path, reader: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -423,13 +507,16 @@ def _read_bin(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
-        raise CheckpointError(f"{path} needs code execution to load and is refused ({reason}); convert it to "
-                              f"safetensors with code you trust") from None
+        raise CheckpointError(
+            f"{path} needs code execution to load and is refused ({reason}); convert it to "
+            f"safetensors with code you trust"
+        ) from None
     except Exception as e:  # truncated file, not a torch file
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path} is not a readable PyTorch weights file ({first})") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise CheckpointError(f"{path} does not hold a flat state dict of named tensors")
     return state
 
@@ -444,8 +531,10 @@ def _drop_rotary_buffers(tensors: dict[str, torch.Tensor], arch: ModelConfig, sr
         if not name.endswith(ROTARY_BUFFER):
             out[name] = tensor
         elif tensor.shape != inv_freq.shape or not torch.allclose(tensor, inv_freq, rtol=1e-5, atol=0):
-            raise CheckpointError(f"{src}: {name} is not the rotary frequency of rope_theta={arch.rope_theta} "
-                                  f"and head_dim={arch.head_size}; the trainer cannot reproduce its positions")
+            raise CheckpointError(
+                f"{src}: {name} is not the rotary frequency of rope_theta={arch.rope_theta} "
+                f"and head_dim={arch.head_size}; the trainer cannot reproduce its positions"
+            )
     return out
 
 
@@ -496,9 +585,11 @@ def _teleflm_mup(config: dict, arch: ModelConfig, config_file: Path) -> ModelCon
     scale, hidden = values["mup_scale_factor"], arch.hidden_size
     base = round(hidden / scale)
     if base < 1 or hidden / base != scale:
-        raise CheckpointError(f"{config_file}: mup_scale_factor {scale!r} is not hidden_size {hidden} divided by a "
-                              f"whole base width, so the trainer's μP (width_mult = hidden_size / base_hidden_size) "
-                              f"cannot reproduce its logit multiplier exactly")
+        raise CheckpointError(
+            f"{config_file}: mup_scale_factor {scale!r} is not hidden_size {hidden} divided by a "
+            f"whole base width, so the trainer's μP (width_mult = hidden_size / base_hidden_size) "
+            f"cannot reproduce its logit multiplier exactly"
+        )
     return replace(arch, input_mult=values["input_mult"], output_mult=values["output_mult"], base_hidden_size=base)
 
 

@@ -86,7 +86,13 @@ def _resolve(requested: str, device: torch.device, dtype: torch.dtype, masked: b
     if requested == "auto":
         reason = unavailable_reason("flash", device, dtype, masked)
         chosen = "flash" if reason is None else "sdpa"
-        log.info("attention backend auto -> %s on %s %s%s", chosen, device.type, dtype, f" (flash: {reason})" if reason else "")
+        log.info(
+            "attention backend auto -> %s on %s %s%s",
+            chosen,
+            device.type,
+            dtype,
+            f" (flash: {reason})" if reason else "",
+        )
         return chosen
     reason = unavailable_reason(requested, device, dtype, masked)
     if reason is not None:
@@ -147,7 +153,10 @@ def _te_module(heads: int, head_dim: int, dropout_p: float):
     import transformer_engine.pytorch as te
 
     return te.DotProductAttention(
-        num_attention_heads=heads, kv_channels=head_dim, attention_dropout=dropout_p, qkv_format="bshd",
+        num_attention_heads=heads,
+        kv_channels=head_dim,
+        attention_dropout=dropout_p,
+        qkv_format="bshd",
         attn_mask_type="causal",
     )
 

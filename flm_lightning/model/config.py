@@ -165,7 +165,9 @@ class ModelConfig:
     def differences(self, other: "ModelConfig") -> str:
         """The function fields where `self` (a checkpoint's) and `other` (the config's) differ, in words."""
         ours, theirs = other.function_fields(), self.function_fields()
-        return ", ".join(f"{k} is {v} in the checkpoint, {ours[k]} in the config" for k, v in theirs.items() if ours[k] != v)
+        return ", ".join(
+            f"{k} is {v} in the checkpoint, {ours[k]} in the config" for k, v in theirs.items() if ours[k] != v
+        )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":

@@ -53,8 +53,11 @@ class FLMTransformer(nn.Module):
         """The std `init_weights` draws parameter `name` with; None for norm weights and biases."""
         if name.endswith("bias") or name.rsplit(".", 1)[0].endswith("norm"):
             return None
-        return residual_init_std(self.config) if name.endswith(tuple(f"{r}.weight" for r in RESIDUAL_OUTPUTS)) \
+        return (
+            residual_init_std(self.config)
+            if name.endswith(tuple(f"{r}.weight" for r in RESIDUAL_OUTPUTS))
             else self.config.init_std
+        )
 
     def forward(
         self,
@@ -86,8 +89,10 @@ class FLMTransformer(nn.Module):
             start = next(iter(kv_cache.values())).length if kv_cache else 0
             if start + h.shape[1] > cfg.max_seq_len:
                 cached = f" after {start} cached" if start else ""
-                raise ConfigError(f"the input holds {h.shape[1]} positions{cached}, more than model.arch.max_seq_len "
-                                  f"({cfg.max_seq_len}) allows; shorten it or use a model with a longer max_seq_len")
+                raise ConfigError(
+                    f"the input holds {h.shape[1]} positions{cached}, more than model.arch.max_seq_len "
+                    f"({cfg.max_seq_len}) allows; shorten it or use a model with a longer max_seq_len"
+                )
             position_ids = torch.arange(start, max(self.config.max_seq_len, start + h.shape[1]), device=h.device)
         tables = self.rotary(position_ids)
         for name, layer in self.layers.items():

@@ -42,9 +42,16 @@ COMPILE_BACKEND_VARIABLE = "FLM_COMPILE_BACKEND"
 def _saved_ops() -> frozenset:
     """The ops whose outputs selective checkpointing keeps: matmuls and attention kernels."""
     aten = torch.ops.aten
-    names = ("mm", "addmm", "bmm", "linear", "_scaled_dot_product_flash_attention",
-             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
-             "_scaled_dot_product_cudnn_attention")
+    names = (
+        "mm",
+        "addmm",
+        "bmm",
+        "linear",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
     ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
     flash = getattr(torch.ops, "flash_attn", None)  # flash-attn >= 2.6 registers a custom op
     if flash is not None and hasattr(flash, "_flash_attn_forward"):

@@ -33,8 +33,11 @@ class ParallelDims:
     tp: int
 
     def __post_init__(self) -> None:
-        for name, value in (("pipeline_parallel_size", self.pp), ("data_parallel_size", self.dp),
-                            ("tensor_parallel_size", self.tp)):
+        for name, value in (
+            ("pipeline_parallel_size", self.pp),
+            ("data_parallel_size", self.dp),
+            ("tensor_parallel_size", self.tp),
+        ):
             _check_size(name, value)
 
     @classmethod
@@ -87,8 +90,16 @@ def micro_batches_per_step(global_batch_size: Optional[int], batch_size: int, dp
     return global_batch_size // (batch_size * dp)
 
 
-def check_layout(dims: ParallelDims, arch: ModelConfig, *, seq_len: Optional[int] = None, micro_batches: int = 1,
-                 schedule: str = "1f1b", stages_per_rank: int = 1, layout: Optional[list[int]] = None) -> None:
+def check_layout(
+    dims: ParallelDims,
+    arch: ModelConfig,
+    *,
+    seq_len: Optional[int] = None,
+    micro_batches: int = 1,
+    schedule: str = "1f1b",
+    stages_per_rank: int = 1,
+    layout: Optional[list[int]] = None,
+) -> None:
     """Raise ConfigError naming the first setting that makes `dims` unusable for `arch`.
 
     `micro_batches` is per optimizer step and data-parallel rank (`micro_batches_per_step`)."""
@@ -98,8 +109,11 @@ def check_layout(dims: ParallelDims, arch: ModelConfig, *, seq_len: Optional[int
     _check_size("stages_per_rank", stages_per_rank)
     if dims.tp > 1:
         heads = arch.attention_dim // arch.head_size
-        for what, size in (("model.arch.n_heads", heads), ("the ffn width", arch.ffn_size),
-                           ("the padded vocabulary", arch.padded_vocab_size)):
+        for what, size in (
+            ("model.arch.n_heads", heads),
+            ("the ffn width", arch.ffn_size),
+            ("the padded vocabulary", arch.padded_vocab_size),
+        ):
             if size % dims.tp:
                 raise ConfigError(f"{where}.tensor_parallel_size={dims.tp} does not divide {what} ({size})")
         if seq_len is not None and seq_len % dims.tp:

@@ -20,11 +20,10 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from flm_lightning.model import FLMTransformer, ModelConfig
 from flm_lightning.engine import StepEngine
+from flm_lightning.model import FLMTransformer, ModelConfig
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=False)  # full tensors on every rank
 FULL_FLAT = StateDictOptions(full_state_dict=True, cpu_offload=False, flatten_optimizer_state_dict=True)
@@ -40,8 +39,13 @@ def _merge_stages(runtime: StepEngine, part: dict) -> dict:
     return {k: v for p in parts for k, v in p.items()}
 
 
-def gather_for_growth(runtime: StepEngine, model: nn.Module, optimizer: torch.optim.Optimizer,
-                      arch: ModelConfig, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
+def gather_for_growth(
+    runtime: StepEngine,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    arch: ModelConfig,
+    build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+):
     """(full plain model, its AdamW with the full state) on every rank, from a sharded, split model."""
     weights = _merge_stages(runtime, get_model_state_dict(model, options=FULL))
     state = _merge_stages(runtime, get_optimizer_state_dict(model, optimizer, options=FULL_FLAT))
@@ -72,8 +76,11 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     configured optimizer.
     """
     params = dict(model.named_parameters())
-    groups = {k: v for k, v in get_optimizer_state_dict(model, optimizer, options=PLAIN_FLAT).items()
-              if k.startswith("param_groups.")}
+    groups = {
+        k: v
+        for k, v in get_optimizer_state_dict(model, optimizer, options=PLAIN_FLAT).items()
+        if k.startswith("param_groups.")
+    }
     moments = {}
     for key, value in state.items():
         param = params.get(_fqn(key)) if key.startswith("state.") else None

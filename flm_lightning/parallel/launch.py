@@ -25,9 +25,17 @@ def free_port() -> int:
 
 
 def _child(rank: int, world: int, port: int, fn: Callable, args: tuple, log_dir: Optional[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", NODE_RANK="0",
-                      OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        GROUP_RANK="0",
+        NODE_RANK="0",
+        OMP_NUM_THREADS="1",
+    )
     if log_dir is not None:  # one log per rank: N processes writing one terminal is unreadable
         log = open(Path(log_dir) / f"rank{rank}.log", "w", buffering=1)
         os.dup2(log.fileno(), 1)
@@ -47,5 +55,6 @@ def run_forked(fn: Callable, nprocs: int, *args, log_dir: Optional[str] = None) 
     """Call fn(*args) in `nprocs` forked ranks and wait; a failing rank raises in the parent."""
     if log_dir is not None:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_child, args=(nprocs, free_port(), fn, args, log_dir), nprocs=nprocs,
-                       start_method="fork", join=True)
+    mp.start_processes(
+        _child, args=(nprocs, free_port(), fn, args, log_dir), nprocs=nprocs, start_method="fork", join=True
+    )

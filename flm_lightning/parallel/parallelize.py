@@ -13,7 +13,6 @@ vocabulary-parallel cross-entropy (`torch.distributed.tensor.parallel.loss_paral
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -38,8 +37,11 @@ def block_plan() -> dict:
     return {
         "attention_norm": SequenceParallel(),
         # Only x is a tensor to lay out; the rotary tables, mask and cache pass through untouched.
-        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
-                                        desired_input_layouts=(Replicate(), None, None, None), use_local_output=True),
+        "attention": PrepareModuleInput(
+            input_layouts=(Shard(1), None, None, None),
+            desired_input_layouts=(Replicate(), None, None, None),
+            use_local_output=True,
+        ),
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
@@ -71,9 +73,15 @@ def apply_tensor_parallel(model: FLMTransformer, tp_mesh: DeviceMesh) -> None:
         model.norm.register_forward_hook(lambda _m, _i, out: out.redistribute(placements=[Replicate()]))
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: str = "float32",
-               reduce_dtype: str = "float32", reshard_after_forward: bool = True,
-               roots: list[nn.Module] | None = None) -> None:
+def apply_fsdp(
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    *,
+    param_dtype: str = "float32",
+    reduce_dtype: str = "float32",
+    reshard_after_forward: bool = True,
+    roots: list[nn.Module] | None = None,
+) -> None:
     """FSDP2 on the dp mesh: each block is one unit, then the remaining parameters (embedding, norm,
     head) in one unit per root (the model, or each pipeline stage)."""
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])

@@ -53,8 +53,10 @@ class StageModule(FLMTransformer):
             setattr(self, name, None)  # pruned from this rank's model, or not run by this stage
         for name, child in model.named_children():
             if name not in STAGE_PLACEMENT:
-                raise TypeError(f"FLMTransformer.{name} has no pipeline placement: add it to "
-                                "flm_lightning.parallel.pipeline.STAGE_PLACEMENT")
+                raise TypeError(
+                    f"FLMTransformer.{name} has no pipeline placement: add it to "
+                    "flm_lightning.parallel.pipeline.STAGE_PLACEMENT"
+                )
             if name == "layers":
                 child = nn.ModuleDict({n: model.layers[n] for n in layer_names})
             setattr(self, name, child if runs_here[STAGE_PLACEMENT[name]] else None)
@@ -85,8 +87,9 @@ def prune_model(model: FLMTransformer, stage_ids: list[int], layer_names: list[l
         model.norm, model.output = None, None
 
 
-def split_for_rank(model: FLMTransformer, pp_rank: int, pp: int, stages_per_rank: int = 1,
-                   layout: Optional[list[int]] = None) -> tuple[list[int], list[StageModule]]:
+def split_for_rank(
+    model: FLMTransformer, pp_rank: int, pp: int, stages_per_rank: int = 1, layout: Optional[list[int]] = None
+) -> tuple[list[int], list[StageModule]]:
     """Prune `model` to this rank's stages and return (stage ids, stage modules)."""
     n_stages = pp * stages_per_rank
     names = stage_layers(model.config.n_layers, n_stages, layout)
@@ -96,9 +99,16 @@ def split_for_rank(model: FLMTransformer, pp_rank: int, pp: int, stages_per_rank
     return ids, stages
 
 
-def build_schedule(stages: list[StageModule], stage_ids: list[int], n_stages: int, pp_mesh: DeviceMesh,
-                   device: torch.device, schedule: str, micro_batches: int,
-                   loss_fn: Optional[Callable]) -> object:
+def build_schedule(
+    stages: list[StageModule],
+    stage_ids: list[int],
+    n_stages: int,
+    pp_mesh: DeviceMesh,
+    device: torch.device,
+    schedule: str,
+    micro_batches: int,
+    loss_fn: Optional[Callable],
+) -> object:
     """A torch.distributed.pipelining schedule over this rank's stages (None loss_fn: forward only)."""
     group = pp_mesh.get_group()
     pipeline_stages = [PipelineStage(m, s, n_stages, device, group=group) for m, s in zip(stages, stage_ids)]

@@ -33,9 +33,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from flm_lightning.checkpoint import DISTRIBUTED_METADATA as METADATA
+from flm_lightning.checkpoint import is_distributed_checkpoint
 from flm_lightning.data.datamodule import micro_batches_per_step
 from flm_lightning.engine import StepEngine
-from flm_lightning.checkpoint import is_distributed_checkpoint
 from flm_lightning.errors import CheckpointError, ConfigError
 from flm_lightning.model import FLMTransformer, ModelConfig
 from flm_lightning.parallel.dims import MESH_DIMS, ParallelDims, check_layout
@@ -92,8 +92,9 @@ class FLMParallelStrategy(ModelParallelStrategy):
         self.schedule, self.stages_per_rank = schedule, stages_per_rank
         self.micro_batches = 1  # per step and rank: set from the data module in setup_environment
         self.layout = layout
-        self.fsdp = dict(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-                         reshard_after_forward=reshard_after_forward)
+        self.fsdp = dict(
+            param_dtype=param_dtype, reduce_dtype=reduce_dtype, reshard_after_forward=reshard_after_forward
+        )
         self.loss_parallel = loss_parallel
         self.meta_init = meta_init
         self.dims: Optional[ParallelDims] = None
@@ -106,16 +107,30 @@ class FLMParallelStrategy(ModelParallelStrategy):
         dims = ParallelDims.infer(self.num_nodes * self.num_processes, **self.sizes)
         batch_size = getattr(datamodule, "batch_size", None)
         if batch_size is not None:
-            self.micro_batches = micro_batches_per_step(getattr(datamodule, "global_batch_size", None), batch_size,
-                                                        dims.dp)
-        check_layout(dims, arch, seq_len=getattr(datamodule, "seq_len", None), micro_batches=self.micro_batches,
-                     schedule=self.schedule, stages_per_rank=self.stages_per_rank, layout=self.layout)
+            self.micro_batches = micro_batches_per_step(
+                getattr(datamodule, "global_batch_size", None), batch_size, dims.dp
+            )
+        check_layout(
+            dims,
+            arch,
+            seq_len=getattr(datamodule, "seq_len", None),
+            micro_batches=self.micro_batches,
+            schedule=self.schedule,
+            stages_per_rank=self.stages_per_rank,
+            layout=self.layout,
+        )
         return dims
 
     def check_growth_target(self, arch: ModelConfig) -> None:
         """Raise ConfigError if growing to `arch` cannot run at the current layout."""
-        check_layout(self.dims, arch, micro_batches=self.micro_batches, schedule=self.schedule,
-                     stages_per_rank=self.stages_per_rank, layout=self.layout)
+        check_layout(
+            self.dims,
+            arch,
+            micro_batches=self.micro_batches,
+            schedule=self.schedule,
+            stages_per_rank=self.stages_per_rank,
+            layout=self.layout,
+        )
 
     def setup_environment(self) -> None:
         module = self.lightning_module
@@ -144,26 +159,37 @@ class FLMParallelStrategy(ModelParallelStrategy):
         dp = self.device_mesh["dp"]
         return {"num_replicas": dp.size(), "rank": dp.get_local_rank()}
 
-    def parallelize(self, model: FLMTransformer,
-                    compute: Optional[Callable[[FLMTransformer], None]] = None) -> StepEngine:
+    def parallelize(
+        self, model: FLMTransformer, compute: Optional[Callable[[FLMTransformer], None]] = None
+    ) -> StepEngine:
         """Split (pp), shard (tp), apply `compute` (activation checkpointing, compile), then FSDP2 (dp),
         all in place (torchtitan's order); return what a step needs."""
         mesh, dims = self.device_mesh, self.dims
         stages, stage_ids = [model], [0]
         if dims.pp > 1:
-            stage_ids, stages = split_for_rank(model, mesh["pp"].get_local_rank(), dims.pp, self.stages_per_rank,
-                                               self.layout)
+            stage_ids, stages = split_for_rank(
+                model, mesh["pp"].get_local_rank(), dims.pp, self.stages_per_rank, self.layout
+            )
         if dims.tp > 1:
             apply_tensor_parallel(model, mesh["tp"])
         if compute is not None:
             compute(model)
         apply_fsdp(model, mesh["dp"], roots=stages, **self.fsdp)
-        runtime = StepEngine(model=model, micro_batches=self.micro_batches, dims=dims, mesh=mesh,
-                             loss_parallel=self.loss_parallel)
+        runtime = StepEngine(
+            model=model, micro_batches=self.micro_batches, dims=dims, mesh=mesh, loss_parallel=self.loss_parallel
+        )
         if dims.pp > 1:
             n_stages = dims.pp * self.stages_per_rank
-            runtime.schedule = build_schedule(stages, stage_ids, n_stages, mesh["pp"], self.root_device,
-                                              self.schedule, self.micro_batches, runtime.pipeline_loss)
+            runtime.schedule = build_schedule(
+                stages,
+                stage_ids,
+                n_stages,
+                mesh["pp"],
+                self.root_device,
+                self.schedule,
+                self.micro_batches,
+                runtime.pipeline_loss,
+            )
             runtime.has_first_stage, runtime.has_last_stage = 0 in stage_ids, n_stages - 1 in stage_ids
             if model.config.tie_embeddings:
                 runtime.tied_group = tied_embedding_group(mesh)
@@ -205,8 +231,10 @@ class FLMParallelStrategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
         if not is_distributed_checkpoint(path):
-            raise CheckpointError(f"{path} is not a distributed checkpoint folder of FLMParallelStrategy "
-                                  f"(no {METADATA} / .metadata); start from a single-file checkpoint with model.init_from")
+            raise CheckpointError(
+                f"{path} is not a distributed checkpoint folder of FLMParallelStrategy "
+                f"(no {METADATA} / .metadata); start from a single-file checkpoint with model.init_from"
+            )
         meta = torch.load(path / METADATA, weights_only=weights_only is not False)
         self.lightning_module.prepare_checkpoint_shape(meta)  # a grown run: rebuild at its shape first
         state: dict[str, Any] = {"state_dict": get_model_state_dict(self.model)}

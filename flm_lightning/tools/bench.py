@@ -46,11 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, help="a LightningCLI YAML config (e.g. conf/tiny.yaml)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="trainer/loop pairs; each run in a fresh process, the first side alternating")
-    parser.add_argument("--same-process", action="store_true",
-                        help="run everything in this process (the old way; state carries over between runs): for "
-                             "process-wide settings such as a forced sdpa kernel, or a short GPU session")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="trainer/loop pairs; each run in a fresh process, the first side alternating",
+    )
+    parser.add_argument(
+        "--same-process",
+        action="store_true",
+        help="run everything in this process (the old way; state carries over between runs): for "
+        "process-wide settings such as a forced sdpa kernel, or a short GPU session",
+    )
     parser.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: known GPUs)")
     parser.add_argument("--json", help="also write the results to this JSON file")
 
@@ -58,18 +65,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     for name in ("steps", "warmup", "repeats"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
-            raise ConfigError(f"--{name} must be {'>= 0' if name == 'warmup' else 'a positive integer'}, got {getattr(args, name)}")
-    result = benchmark(args.config, args.steps, args.warmup, args.repeats, args.peak_tflops, args.set, progress=print,
-                       fresh_processes=not args.same_process)
+            raise ConfigError(
+                f"--{name} must be {'>= 0' if name == 'warmup' else 'a positive integer'}, got {getattr(args, name)}"
+            )
+    result = benchmark(
+        args.config,
+        args.steps,
+        args.warmup,
+        args.repeats,
+        args.peak_tflops,
+        args.set,
+        progress=print,
+        fresh_processes=not args.same_process,
+    )
     print_report(result)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
 
 
-def benchmark(configs: Sequence[str], steps: int, warmup: int, repeats: int, peak_tflops: Optional[float] = None,
-              overrides: Sequence[str] = (), progress: Callable[[str], Any] = lambda _: None,
-              fresh_processes: bool = True) -> dict:
+def benchmark(
+    configs: Sequence[str],
+    steps: int,
+    warmup: int,
+    repeats: int,
+    peak_tflops: Optional[float] = None,
+    overrides: Sequence[str] = (),
+    progress: Callable[[str], Any] = lambda _: None,
+    fresh_processes: bool = True,
+) -> dict:
     """Trainer / loop runs, the first side alternating; tokens/s of each, their ratios (median and spread) and
     peak memory. The config is `configs` overlaid and `overrides` (KEY=VALUE) applied, as main.py reads them.
     `fresh_processes`: each run in a new interpreter (default), else all in this one."""
@@ -86,26 +110,41 @@ def benchmark(configs: Sequence[str], steps: int, warmup: int, repeats: int, pea
             order = (("trainer", _trainer_run), ("loop", _loop_run))
             for side, fn in order if repeat % 2 == 0 else order[::-1]:
                 (trainer_runs if side == "trainer" else loop_runs).append(call(fn, values, steps, warmup, logs))
-            progress(f"repeat {repeat + 1}/{repeats} ({'trainer' if repeat % 2 == 0 else 'loop'} first): "
-                     f"trainer {trainer_runs[-1]['tokens_per_sec']:,.0f} tokens/s, "
-                     f"loop {loop_runs[-1]['tokens_per_sec']:,.0f} tokens/s")
+            progress(
+                f"repeat {repeat + 1}/{repeats} ({'trainer' if repeat % 2 == 0 else 'loop'} first): "
+                f"trainer {trainer_runs[-1]['tokens_per_sec']:,.0f} tokens/s, "
+                f"loop {loop_runs[-1]['tokens_per_sec']:,.0f} tokens/s"
+            )
     first = trainer_runs[0]
-    ratios = [t["tokens_per_sec"] / l["tokens_per_sec"] for t, l in zip(trainer_runs, loop_runs)]
+    ratios = [t["tokens_per_sec"] / p["tokens_per_sec"] for t, p in zip(trainer_runs, loop_runs)]
     # Tokens per second of process CPU time: what each side costs, unaffected by other processes
     # that take the cores away (a shared machine); on a GPU the wall-clock ratio is the one to read.
-    cpu_ratios = [t["tokens_per_cpu_sec"] / l["tokens_per_cpu_sec"] for t, l in zip(trainer_runs, loop_runs)]
+    cpu_ratios = [t["tokens_per_cpu_sec"] / p["tokens_per_cpu_sec"] for t, p in zip(trainer_runs, loop_runs)]
     result = {
-        "config": shown(configs), "overrides": list(overrides),
-        "device": first["device"], "precision": first["precision"], "threads": torch.get_num_threads(),
-        "parameters": first["parameters"], "batch_size": first["batch_size"], "seq_len": first["seq_len"],
-        "steps": steps, "warmup": warmup, "repeats": repeats, "fresh_processes": fresh_processes,
+        "config": shown(configs),
+        "overrides": list(overrides),
+        "device": first["device"],
+        "precision": first["precision"],
+        "threads": torch.get_num_threads(),
+        "parameters": first["parameters"],
+        "batch_size": first["batch_size"],
+        "seq_len": first["seq_len"],
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
+        "fresh_processes": fresh_processes,
         "trainer_tokens_per_sec": [r["tokens_per_sec"] for r in trainer_runs],
         "loop_tokens_per_sec": [r["tokens_per_sec"] for r in loop_runs],
-        "ratios": ratios, "median_ratio": statistics.median(ratios),
-        "cpu_ratios": cpu_ratios, "median_cpu_ratio": statistics.median(cpu_ratios),
-        "spread": {"trainer": spread([r["tokens_per_sec"] for r in trainer_runs]),
-                   "loop": spread([r["tokens_per_sec"] for r in loop_runs]),
-                   "ratio": spread(ratios), "cpu_ratio": spread(cpu_ratios)},
+        "ratios": ratios,
+        "median_ratio": statistics.median(ratios),
+        "cpu_ratios": cpu_ratios,
+        "median_cpu_ratio": statistics.median(cpu_ratios),
+        "spread": {
+            "trainer": spread([r["tokens_per_sec"] for r in trainer_runs]),
+            "loop": spread([r["tokens_per_sec"] for r in loop_runs]),
+            "ratio": spread(ratios),
+            "cpu_ratio": spread(cpu_ratios),
+        },
         "trainer_peak_memory_bytes": _median_known(r["peak_memory_bytes"] for r in trainer_runs),
         "loop_peak_memory_bytes": _median_known(r["peak_memory_bytes"] for r in loop_runs),
     }
@@ -127,8 +166,12 @@ def spread(values: Sequence[float]) -> dict:
     """Median, min, max and interquartile range of `values`."""
     ordered = sorted(values)
     quartiles = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 3
-    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1],
-            "iqr": quartiles[2] - quartiles[0]}
+    return {
+        "median": statistics.median(ordered),
+        "min": ordered[0],
+        "max": ordered[-1],
+        "iqr": quartiles[2] - quartiles[0],
+    }
 
 
 def _fresh(fn: Callable[..., dict], *args) -> dict:
@@ -136,8 +179,12 @@ def _fresh(fn: Callable[..., dict], *args) -> dict:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-                             initargs=(torch.get_num_threads(),)) as pool:  # shut down and joined on exit
+    with ProcessPoolExecutor(
+        1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=torch.set_num_threads,
+        initargs=(torch.get_num_threads(),),
+    ) as pool:  # shut down and joined on exit
         return pool.submit(fn, *args).result()
 
 
@@ -148,35 +195,53 @@ def _device_peak(device: str) -> Optional[float]:
 
 
 def print_report(r: dict) -> None:
-    print(f"config {r['config']}{' ' + ' '.join(r['overrides']) if r['overrides'] else ''}: {r['parameters'] / 1e6:.2f}M parameters, batch {r['batch_size']} x seq {r['seq_len']}, "
-          f"precision {r['precision']}, {r['device']} ({r['threads']} threads), {r['steps']} timed steps "
-          f"after {r['warmup']}")
+    print(
+        f"config {r['config']}{' ' + ' '.join(r['overrides']) if r['overrides'] else ''}: "
+        f"{r['parameters'] / 1e6:.2f}M parameters, batch {r['batch_size']} x seq {r['seq_len']}, "
+        f"precision {r['precision']}, {r['device']} ({r['threads']} threads), {r['steps']} timed steps "
+        f"after {r['warmup']}"
+    )
     print(f"{'repeat':>6} {'trainer tokens/s':>17} {'loop tokens/s':>14} {'ratio':>7} {'CPU-time ratio':>15}")
     rows = zip(r["trainer_tokens_per_sec"], r["loop_tokens_per_sec"], r["ratios"], r["cpu_ratios"])
-    for i, (t, l, q, c) in enumerate(rows, 1):
-        print(f"{i:>6} {t:>17,.0f} {l:>14,.0f} {q:>7.3f} {c:>15.3f}")
-    print(f"{'median':>6} {statistics.median(r['trainer_tokens_per_sec']):>17,.0f} "
-          f"{statistics.median(r['loop_tokens_per_sec']):>14,.0f} {r['median_ratio']:>7.3f} "
-          f"{r['median_cpu_ratio']:>15.3f}  (trainer / loop)")
+    for i, (t, loop, q, c) in enumerate(rows, 1):
+        print(f"{i:>6} {t:>17,.0f} {loop:>14,.0f} {q:>7.3f} {c:>15.3f}")
+    print(
+        f"{'median':>6} {statistics.median(r['trainer_tokens_per_sec']):>17,.0f} "
+        f"{statistics.median(r['loop_tokens_per_sec']):>14,.0f} {r['median_ratio']:>7.3f} "
+        f"{r['median_cpu_ratio']:>15.3f}  (trainer / loop)"
+    )
     for name, unit in (("trainer", " tokens/s"), ("loop", " tokens/s"), ("ratio", ""), ("cpu_ratio", "")):
         d = r["spread"][name]
-        print(f"{name:>9}: median {d['median']:,.3f}{unit}, min {d['min']:,.3f}, max {d['max']:,.3f}, "
-              f"IQR {d['iqr']:,.3f}")
-    mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f} MiB"
+        print(
+            f"{name:>9}: median {d['median']:,.3f}{unit}, min {d['min']:,.3f}, max {d['max']:,.3f}, IQR {d['iqr']:,.3f}"
+        )
+
+    def mib(b):
+        return "n/a" if b is None else f"{b / 2**20:,.1f} MiB"
+
     print(f"peak memory: trainer {mib(r['trainer_peak_memory_bytes'])}, loop {mib(r['loop_peak_memory_bytes'])}")
     if "trainer_mfu" in r:
-        print(f"MFU at {r['peak_tflops']:g} TFLOP/s peak: trainer {r['trainer_mfu']:.1%} ({r['trainer_tflops']:.1f} TFLOP/s), "
-              f"loop {r['loop_mfu']:.1%} ({r['loop_tflops']:.1f} TFLOP/s)")
+        print(
+            f"MFU at {r['peak_tflops']:g} TFLOP/s peak: trainer {r['trainer_mfu']:.1%} "
+            f"({r['trainer_tflops']:.1f} TFLOP/s), "
+            f"loop {r['loop_mfu']:.1%} ({r['loop_tflops']:.1f} TFLOP/s)"
+        )
 
 
 # ---- the two contestants -----------------------------------------------------------------------
 def _bench_config(values: dict, total_steps: int, logs: str) -> dict:
     """The config for LightningCLI: checkpointing and validation off, logs in a temp folder."""
     trainer = dict(values.get("trainer") or {})
-    trainer.update(max_steps=total_steps, limit_val_batches=0, enable_checkpointing=False, num_sanity_val_steps=0,
-                   enable_model_summary=False)
-    trainer["callbacks"] = [c for c in trainer.get("callbacks") or []
-                            if not str(c.get("class_path", "")).endswith(CHECKPOINT_CALLBACKS)]
+    trainer.update(
+        max_steps=total_steps,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+    )
+    trainer["callbacks"] = [
+        c for c in trainer.get("callbacks") or [] if not str(c.get("class_path", "")).endswith(CHECKPOINT_CALLBACKS)
+    ]
     logger = trainer.get("logger")
     if isinstance(logger, dict) and "save_dir" in (logger.get("init_args") or {}):
         trainer["logger"] = {**logger, "init_args": {**logger["init_args"], "save_dir": logs}}
@@ -189,9 +254,17 @@ def _build(config: dict, total_steps: int, logs: str):
     from flm_lightning.module import FLMLightningModule
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # the tool's own argv is not the CLI's
-        return FLMCLI(FLMLightningModule, MixtureDataModule, subclass_mode_data=True, run=False,
-                      save_config_callback=None, args=_bench_config(config, total_steps, logs))
+        warnings.filterwarnings(
+            "ignore", message="LightningCLI's args parameter"
+        )  # the tool's own argv is not the CLI's
+        return FLMCLI(
+            FLMLightningModule,
+            MixtureDataModule,
+            subclass_mode_data=True,
+            run=False,
+            save_config_callback=None,
+            args=_bench_config(config, total_steps, logs),
+        )
 
 
 class _StepTimer:
@@ -253,8 +326,11 @@ def _loop_run(config: dict, steps: int, warmup: int, logs: str) -> dict:
     clip = trainer.gradient_clip_val
     micro_batches = data.micro_batches
     # cache_enabled=False as Lightning's precision plugin: the same autocast state (no recompiles).
-    autocast = (lambda: torch.autocast(device.type, dtype, cache_enabled=False)) \
-        if dtype and trainer.precision.endswith("mixed") else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype, cache_enabled=False))
+        if dtype and trainer.precision.endswith("mixed")
+        else contextlib.nullcontext
+    )
     timer = _StepTimer(device, warmup, steps)
     model.train()
     for step, batch in enumerate(data.train_dataloader()):
@@ -266,8 +342,11 @@ def _loop_run(config: dict, steps: int, warmup: int, logs: str) -> dict:
         tokens = batch["loss_mask"].sum().clamp(min=1)
         for micro in split_micro_batches(batch, micro_batches):
             with autocast():
-                logits = model(micro["input_ids"], position_ids=micro.get("position_ids"),
-                               attention_mask=micro.get("attention_mask"))
+                logits = model(
+                    micro["input_ids"],
+                    position_ids=micro.get("position_ids"),
+                    attention_mask=micro.get("attention_mask"),
+                )
                 loss_sum = freelm_loss(logits, micro).loss_sum
             (loss_sum / tokens).backward()
         if clip:
@@ -293,8 +372,12 @@ def _summary(cli, device: torch.device, timer: _StepTimer, steps: int, baseline:
         "tokens_per_sec": tokens / (timer.end[0] - timer.start[0]),
         "tokens_per_cpu_sec": tokens / (timer.end[1] - timer.start[1]),
         "peak_memory_bytes": peak_memory(device, baseline),
-        "device": str(device), "precision": cli.trainer.precision, "batch_size": data.batch_size, "seq_len": data.seq_len,
-        "parameters": count_model(arch).parameters, "flops_per_token": count_model(arch, data.seq_len).flops_per_token,
+        "device": str(device),
+        "precision": cli.trainer.precision,
+        "batch_size": data.batch_size,
+        "seq_len": data.seq_len,
+        "parameters": count_model(arch).parameters,
+        "flops_per_token": count_model(arch, data.seq_len).flops_per_token,
     }
 
 

@@ -51,8 +51,14 @@ class LossRecorder(L.Callback):
             self.losses["val"].append(float(trainer.callback_metrics["val/loss"]))
 
 
-def layout_overrides(dims: Optional[ParallelDims], global_batch: int, steps: int, schedule: str = "1f1b",
-                     micro_batches: int = 2, accelerator: str = "cpu") -> list[str]:
+def layout_overrides(
+    dims: Optional[ParallelDims],
+    global_batch: int,
+    steps: int,
+    schedule: str = "1f1b",
+    micro_batches: int = 2,
+    accelerator: str = "cpu",
+) -> list[str]:
     """CLI overrides that train `steps` steps at `dims` (None: one process, Lightning's default strategy).
 
     Every layout trains `global_batch` samples a step; pipelines run them as `micro_batches` micro-batches
@@ -62,18 +68,28 @@ def layout_overrides(dims: Optional[ParallelDims], global_batch: int, steps: int
     if global_batch % (dp * micro):
         raise ConfigError(f"--global-batch {global_batch} is not divisible by dp x micro-batches = {dp} x {micro}")
     common = [
-        f"--trainer.accelerator={accelerator}", "--trainer.num_nodes=1",
-        "--trainer.callbacks=[]", f"--trainer.callbacks+={__name__}.LossRecorder", "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", "--trainer.plugins=[]", f"--trainer.max_steps={steps}",
-        "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", "--trainer.use_distributed_sampler=false",
-        "--trainer.precision=32-true", f"--data.init_args.batch_size={global_batch // (dp * micro)}",
+        f"--trainer.accelerator={accelerator}",
+        "--trainer.num_nodes=1",
+        "--trainer.callbacks=[]",
+        f"--trainer.callbacks+={__name__}.LossRecorder",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.plugins=[]",
+        f"--trainer.max_steps={steps}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.use_distributed_sampler=false",
+        "--trainer.precision=32-true",
+        f"--data.init_args.batch_size={global_batch // (dp * micro)}",
         f"--data.init_args.global_batch_size={global_batch}",
     ]
     if dims is None:
         return common + ["--trainer.devices=1", "--trainer.strategy=auto"]
     return common + [
-        f"--trainer.devices={dims.world_size}", "--trainer.strategy=flm_lightning.parallel.FLMParallelStrategy",
+        f"--trainer.devices={dims.world_size}",
+        "--trainer.strategy=flm_lightning.parallel.FLMParallelStrategy",
         f"--trainer.strategy.init_args.tensor_parallel_size={dims.tp}",
         f"--trainer.strategy.init_args.pipeline_parallel_size={dims.pp}",
         f"--trainer.strategy.init_args.schedule={schedule}",
@@ -87,12 +103,24 @@ def check_config_layout(values: dict, arch, seq_len: Optional[int], dims: Parall
     strategy = values["trainer"]["strategy"]["init_args"]
     data = values["data"]["init_args"]
     micro_batches = micro_batches_per_step(data.get("global_batch_size"), data["batch_size"], dims.dp)
-    check_layout(dims, arch, seq_len=seq_len, micro_batches=micro_batches, schedule=strategy["schedule"],
-                 stages_per_rank=strategy["stages_per_rank"], layout=strategy["layout"])
+    check_layout(
+        dims,
+        arch,
+        seq_len=seq_len,
+        micro_batches=micro_batches,
+        schedule=strategy["schedule"],
+        stages_per_rank=strategy["stages_per_rank"],
+        layout=strategy["layout"],
+    )
 
 
-def train_layout(config: Configs, overrides: list[str], out: Optional[str], ckpt_path: Optional[str] = None,
-                 save_to: Optional[str] = None) -> dict[str, list[float]]:
+def train_layout(
+    config: Configs,
+    overrides: list[str],
+    out: Optional[str],
+    ckpt_path: Optional[str] = None,
+    save_to: Optional[str] = None,
+) -> dict[str, list[float]]:
     """Fit `config` with `overrides` in this process (one rank); rank 0 writes the losses to `out`."""
     from flm_lightning.cli import main
 
@@ -106,12 +134,27 @@ def train_layout(config: Configs, overrides: list[str], out: Optional[str], ckpt
     return recorder.losses
 
 
-def run_layout(config: Configs, dims: ParallelDims, extra: list[str], workdir: str, name: str,
-               ckpt_path: Optional[str] = None, save_to: Optional[str] = None) -> dict[str, list[float]]:
+def run_layout(
+    config: Configs,
+    dims: ParallelDims,
+    extra: list[str],
+    workdir: str,
+    name: str,
+    ckpt_path: Optional[str] = None,
+    save_to: Optional[str] = None,
+) -> dict[str, list[float]]:
     """Train at `dims` in forked local ranks: {"train": per-step losses of the global batch, "val": [...]}."""
     out = Path(workdir) / f"{name}.json"
-    run_forked(train_layout, dims.world_size, config, extra, str(out), ckpt_path, save_to,
-               log_dir=str(Path(workdir) / f"{name}-logs"))
+    run_forked(
+        train_layout,
+        dims.world_size,
+        config,
+        extra,
+        str(out),
+        ckpt_path,
+        save_to,
+        log_dir=str(Path(workdir) / f"{name}-logs"),
+    )
     return json.loads(out.read_text())
 
 
@@ -120,8 +163,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layouts", default="1x1x1,1x2x1,1x1x2,2x1x1", help="comma-separated PPxDPxTP layouts")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--global-batch", type=int, default=8, help="samples per step over all dp ranks")
-    parser.add_argument("--schedule", default="1f1b", choices=SCHEDULES,
-                        help="the strategy's pipeline schedule (interleaved1f1b: 2 stages per rank)")
+    parser.add_argument(
+        "--schedule",
+        default="1f1b",
+        choices=SCHEDULES,
+        help="the strategy's pipeline schedule (interleaved1f1b: 2 stages per rank)",
+    )
     parser.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step and rank when pp > 1")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--json", help="also write {layout: losses} here")
@@ -133,8 +180,11 @@ def run(args: argparse.Namespace) -> None:
 
     layouts = [(text, parse_layout(text)) for text in args.layouts.split(",")]
     overrides = [config_override(item) for item in [*args.set, *args.overrides]]
-    extras = {text: layout_overrides(dims, args.global_batch, args.steps, args.schedule, args.micro_batches,
-                                     args.accelerator) + overrides for text, dims in layouts}
+    extras = {
+        text: layout_overrides(dims, args.global_batch, args.steps, args.schedule, args.micro_batches, args.accelerator)
+        + overrides
+        for text, dims in layouts
+    }
     for text, dims in layouts:  # a bad config or layout is one error line here, not one per forked rank
         config = load_config(args.config, extras[text])
         try:

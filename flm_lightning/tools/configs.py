@@ -16,14 +16,26 @@ import yaml
 from flm_lightning.errors import ConfigError
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True,
-                         help: str = "a LightningCLI YAML config") -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, required: bool = True, help: str = "a LightningCLI YAML config"
+) -> None:
     """`-c/--config` (repeatable: later files overlay earlier ones, as in main.py) and `--set KEY=VALUE`."""
-    parser.add_argument("-c", "--config", action="append", required=required, metavar="CONFIG",
-                        help=f"{help}; repeat to overlay more files, as `main.py fit -c A -c B`")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value by its dotted key, as main.py's --KEY=VALUE, e.g. "
-                             "model.arch.n_layers=8 or data.init_args.batch_size=8 (repeatable; the value is YAML)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        required=required,
+        metavar="CONFIG",
+        help=f"{help}; repeat to overlay more files, as `main.py fit -c A -c B`",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by its dotted key, as main.py's --KEY=VALUE, e.g. "
+        "model.arch.n_layers=8 or data.init_args.batch_size=8 (repeatable; the value is YAML)",
+    )
 
 
 def shown(configs: list[str]) -> str:

@@ -20,5 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     ckpt = consolidate_checkpoint(args.ckpt, args.out)
     weights = model_weights(ckpt)
-    print(f"wrote {args.out}: {len(weights)} tensors, {sum(v.numel() for v in weights.values()):,} parameters, "
-          f"step {ckpt.get('global_step')}")
+    print(
+        f"wrote {args.out}: {len(weights)} tensors, {sum(v.numel() for v in weights.values()):,} parameters, "
+        f"step {ckpt.get('global_step')}"
+    )

@@ -36,9 +36,16 @@ def run(args: argparse.Namespace) -> None:
     model = load_config(args.config, args.set).model
     if model.mup_cfg is None:
         raise ConfigError(f"config {shown(args.config)} has no model.mup section (see conf/mup_sweep.yaml)")
-    result = coord_check(model.arch, model.mup_cfg, args.lr or model.optim_cfg.lr, parse_widths(args.widths),
-                         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                         progress=lambda line: print(line, file=sys.stderr, flush=True))
+    result = coord_check(
+        model.arch,
+        model.mup_cfg,
+        args.lr or model.optim_cfg.lr,
+        parse_widths(args.widths),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "coord_check.json").write_text(json.dumps({"config": shown(args.config), **result}, indent=1))

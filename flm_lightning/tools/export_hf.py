@@ -17,10 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="a checkpoint of this trainer (.ckpt)")
     parser.add_argument("--out", required=True, help="directory to create")
     parser.add_argument("--tokenizer", help="tokenizer.json to ship (default: the one saved in the checkpoint)")
-    parser.add_argument("--format", default="auto", choices=EXPORT_FORMATS,
-                        help="auto (default): plain Llama with the multipliers folded in when the network is one, "
-                             "else flm; teleflm: the Tele-FLM release format, μP kept (weights as trained, "
-                             "multipliers in config.json)")
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=EXPORT_FORMATS,
+        help="auto (default): plain Llama with the multipliers folded in when the network is one, "
+        "else flm; teleflm: the Tele-FLM release format, μP kept (weights as trained, "
+        "multipliers in config.json)",
+    )
     parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
 
 

@@ -40,8 +40,14 @@ def run(args: argparse.Namespace) -> None:
     ids = tok.encode(args.prompt).ids
     if not ids:
         raise CheckpointError("--prompt encodes to no tokens")
-    cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty,
-                         tok.token_to_id(EOD_TOKEN), args.seed)
+    cfg = SamplingConfig(
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        args.repetition_penalty,
+        tok.token_to_id(EOD_TOKEN),
+        args.seed,
+    )
     prompt = torch.tensor([ids] * args.num_samples)
     for row in generate(model, prompt, cfg).tolist():
         print(tok.decode(row))

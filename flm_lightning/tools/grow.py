@@ -76,8 +76,9 @@ def run(args: argparse.Namespace) -> None:
         old_opt.load_state_dict(ckpt["optimizer_states"][0])
     step = int(ckpt.get("global_step", 0))
     initialize = MuP(mup_cfg, target, optim_cfg.lr).initialize if mup_cfg is not None else None
-    grown = growth.grow(model, target, spec, step, optimizer=old_opt, build_optimizer=build_optimizer,
-                        initialize=initialize)
+    grown = growth.grow(
+        model, target, spec, step, optimizer=old_opt, build_optimizer=build_optimizer, initialize=initialize
+    )
     others = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(MODEL_PREFIX)}
     ckpt["state_dict"] = {**others, **{MODEL_PREFIX + k: v for k, v in grown.model.state_dict().items()}}
     if grown.optimizer is not None:
@@ -87,5 +88,7 @@ def run(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, lambda f: torch.save(ckpt, f))
     config = " ".join([*(f"-c {c}" for c in args.config), *(config_override(s) for s in args.set)])
-    print(f"grew {sum(p.numel() for p in model.parameters()):,} -> {sum(p.numel() for p in grown.model.parameters()):,} "
-          f"parameters at step {step}; continue with: python main.py fit {config} --ckpt_path {out}")
+    print(
+        f"grew {sum(p.numel() for p in model.parameters()):,} -> {sum(p.numel() for p in grown.model.parameters()):,} "
+        f"parameters at step {step}; continue with: python main.py fit {config} --ckpt_path {out}"
+    )

@@ -40,15 +40,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, required=False, help="the config to sweep (with --sweep)")
     parser.add_argument("--widths", default="32,64,96,128,192,256", help="sweep widths (with --sweep)")
     parser.add_argument("--steps", type=int, default=None, help="sweep: trainer.max_steps (default the config's)")
-    parser.add_argument("--holdout", type=int, default=None,
-                        help="leave the largest K runs out of the fit; the largest is then the default target "
-                             "with its actual loss (default 1 with --sweep, else 0)")
+    parser.add_argument(
+        "--holdout",
+        type=int,
+        default=None,
+        help="leave the largest K runs out of the fit; the largest is then the default target "
+        "with its actual loss (default 1 with --sweep, else 0)",
+    )
     parser.add_argument("--tag", default="val/loss", help="TensorBoard scalar to fit (default val/loss)")
-    parser.add_argument("--at-step", type=int, default=None,
-                        help="the logged step to read (default the last step every run logged)")
+    parser.add_argument(
+        "--at-step", type=int, default=None, help="the logged step to read (default the last step every run logged)"
+    )
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--target", action="append", metavar="CONFIG",
-                        help="a config whose model to predict (repeat to overlay more files)")
+    target.add_argument(
+        "--target",
+        action="append",
+        metavar="CONFIG",
+        help="a config whose model to predict (repeat to overlay more files)",
+    )
     target.add_argument("--target-params", type=float, help="non-embedding parameters of the model to predict")
     parser.add_argument("--actual", type=float, default=None, help="the target's known loss, for the error")
     parser.add_argument("--out", default="runs/predict_loss", help="output folder (sweep logs go under it too)")
@@ -115,8 +124,9 @@ def read_runs(roots: list[str], tag: str, at_step: Optional[int]) -> tuple[list[
 
 
 # ---- the sweep ----------------------------------------------------------------------------------
-def sweep(configs: Sequence[str], widths: list[int], steps: Optional[int], out: Path,
-          overrides: Sequence[str] = ()) -> list[Path]:
+def sweep(
+    configs: Sequence[str], widths: list[int], steps: Optional[int], out: Path, overrides: Sequence[str] = ()
+) -> list[Path]:
     """Train the config (`configs` overlaid, then `overrides`) at each width with the trainer's CLI (`main.py fit`);
     a finished run is reused."""
     from flm_lightning.cli import config_override, load_config
@@ -132,12 +142,22 @@ def sweep(configs: Sequence[str], widths: list[int], steps: Optional[int], out: 
             print(f"width {width}: reusing {run}", file=sys.stderr)
             continue
         start = time.perf_counter()
-        print(f"width {width}: training {count_model(wide).non_embedding_parameters:,} non-embedding parameters",
-              file=sys.stderr, flush=True)
-        args = ["fit", *(arg for c in configs for arg in ("-c", c)), *(config_override(o) for o in overrides),
-                f"--model.arch.hidden_size={width}", f"--model.arch.n_heads={wide.n_heads}",
-                f"--model.arch.head_dim={wide.head_dim}", f"--trainer.logger.init_args.save_dir={out / 'runs'}",
-                f"--trainer.logger.init_args.name=width{width}", "--trainer.logger.init_args.version="]
+        print(
+            f"width {width}: training {count_model(wide).non_embedding_parameters:,} non-embedding parameters",
+            file=sys.stderr,
+            flush=True,
+        )
+        args = [
+            "fit",
+            *(arg for c in configs for arg in ("-c", c)),
+            *(config_override(o) for o in overrides),
+            f"--model.arch.hidden_size={width}",
+            f"--model.arch.n_heads={wide.n_heads}",
+            f"--model.arch.head_dim={wide.head_dim}",
+            f"--trainer.logger.init_args.save_dir={out / 'runs'}",
+            f"--trainer.logger.init_args.name=width{width}",
+            "--trainer.logger.init_args.version=",
+        ]
         if wide.ffn_hidden_size is not None:
             args.append(f"--model.arch.ffn_hidden_size={wide.ffn_hidden_size}")
         if steps is not None:
@@ -154,11 +174,19 @@ def predict(points: list[dict], target_params: float, actual: Optional[float], s
     used = [p for p in points if p.get("used", True)]
     a, b, c = fit_power_law([p["params"] for p in used], [p["loss"] for p in used])
     prediction = power_law(target_params, a, b, c)
-    result = {"a": a, "b": b, "c": c, "tag": tag, "step": step, "target_params": target_params,
-              "prediction": prediction, "actual": actual,
-              "error_pct": None if actual is None else 100 * (prediction - actual) / actual,
-              "fit_rms": (sum((power_law(p["params"], a, b, c) - p["loss"]) ** 2 for p in used) / len(used)) ** 0.5,
-              "points": points}
+    result = {
+        "a": a,
+        "b": b,
+        "c": c,
+        "tag": tag,
+        "step": step,
+        "target_params": target_params,
+        "prediction": prediction,
+        "actual": actual,
+        "error_pct": None if actual is None else 100 * (prediction - actual) / actual,
+        "fit_rms": (sum((power_law(p["params"], a, b, c) - p["loss"]) ** 2 for p in used) / len(used)) ** 0.5,
+        "points": points,
+    }
     return result
 
 
@@ -184,7 +212,7 @@ def run(args: argparse.Namespace) -> None:
     if not 0 <= holdout < len(points):
         raise ConfigError(f"--holdout must be in [0, {len(points) - 1}], got {holdout}")
     points.sort(key=lambda p: p["params"])
-    for p in points[len(points) - holdout:]:
+    for p in points[len(points) - holdout :]:
         p["used"] = False
     if target_params is None and holdout:
         target_params = points[-1]["params"]
@@ -197,8 +225,10 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "predict_loss.json").write_text(json.dumps(result, indent=1))
     plot_prediction(points, result, str(out / "predict_loss.png"))
-    print(f"L(N) = {result['a']:.4g} * N^{result['b']:.4f} + {result['c']:.4f}  "
-          f"(fit on {sum(p.get('used', True) for p in points)} runs at step {step}, rms {result['fit_rms']:.4f})")
+    print(
+        f"L(N) = {result['a']:.4g} * N^{result['b']:.4f} + {result['c']:.4f}  "
+        f"(fit on {sum(p.get('used', True) for p in points)} runs at step {step}, rms {result['fit_rms']:.4f})"
+    )
     line = f"predicted {args.tag} at N = {target_params:,.0f}: {result['prediction']:.4f}"
     if actual is not None:
         line += f"  actual {actual:.4f}  error {result['error_pct']:+.2f}%"

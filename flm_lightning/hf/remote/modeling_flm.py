@@ -15,9 +15,11 @@ from .configuration_flm import FLMConfig
 # xPos factors stay within e^(+-XPOS_MAX_LOG_SCALE); fp32 ends at e^88.7 (the rest is headroom for q and k).
 XPOS_MAX_LOG_SCALE = 80.0
 
+
 def _rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
+
 
 def _rotary_tables(config, position_ids):
     """cos and sin for [B, T] positions, fp32, shaped [B, 1, T, D]."""
@@ -26,6 +28,7 @@ def _rotary_tables(config, position_ids):
     angles = position_ids.to(torch.float64)[..., None] * (config.rope_theta ** (-2.0 * pair / d))
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float()[:, None], angles.sin().float()[:, None]
+
 
 def _xpos_scales(config, query_positions, key_positions):
     """xPos factors of the queries ([B, 1, T, D]) and keys ([B, 1, K, D]), fp32.
@@ -45,17 +48,21 @@ def _xpos_scales(config, query_positions, key_positions):
     widest = float(torch.maximum(hi - centre, centre - lo).max()) * float(-log_zeta[0])
     if widest > XPOS_MAX_LOG_SCALE:
         longest = int(2 * XPOS_MAX_LOG_SCALE / float(-log_zeta[0]))
-        raise ValueError(f"xPos: this call attends over {int((hi - lo).max()) + 1} positions, more than fp32 can "
-                         f"scale at xpos_scale_base {config.xpos_scale_base} (at most about {longest})")
+        raise ValueError(
+            f"xPos: this call attends over {int((hi - lo).max()) + 1} positions, more than fp32 can "
+            f"scale at xpos_scale_base {config.xpos_scale_base} (at most about {longest})"
+        )
     q_scale = torch.exp((qp - centre)[..., None] * log_zeta)
     k_scale = torch.exp(-(kp - centre)[..., None] * log_zeta)
     q_scale, k_scale = (torch.cat([x, x], dim=-1).float()[:, None] for x in (q_scale, k_scale))
     return q_scale, k_scale
 
+
 def _norm(config):
     if config.norm == "layernorm":
         return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.bias)
     return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+
 
 class FLMAttention(nn.Module):
     def __init__(self, config, layer_idx):
@@ -90,6 +97,7 @@ class FLMAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
+
 class FLMMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -104,6 +112,7 @@ class FLMMLP(nn.Module):
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
+
 class FLMBlock(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -116,6 +125,7 @@ class FLMBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), tables, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
+
 class FLMPreTrainedModel(PreTrainedModel):
     config_class = FLMConfig
     base_model_prefix = "flm"
@@ -127,6 +137,7 @@ class FLMPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=0.02)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+
 
 class FLMForCausalLM(FLMPreTrainedModel, GenerationMixin):
     def __init__(self, config):
@@ -154,8 +165,18 @@ class FLMForCausalLM(FLMPreTrainedModel, GenerationMixin):
             mask = mask & attention_mask[:, None, None, -n_keys:].bool()
         return mask
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, cache=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        cache=None,
+        **kwargs,
+    ):
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = DynamicCache()
